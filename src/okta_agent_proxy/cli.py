@@ -1,0 +1,151 @@
+"""The `okta-agent-proxy` command: serve, check, config-schema, demo."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from okta_agent_proxy import __version__
+from okta_agent_proxy.config import config_schema
+from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.observability.logging import configure, get_logger
+from okta_agent_proxy.settings import is_loopback_host
+
+EXIT_CONFIG = 2
+log = get_logger(__name__)
+
+
+def _load_or_exit(config: str | None, env_file: str | None) -> LoadedConfig:
+    try:
+        loaded = load(config, env_file=env_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    for warning in loaded.warnings:
+        click.echo(str(warning), err=True)
+    return loaded
+
+
+def _run_loop(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        import asyncio
+
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _serve_one(config: str | None, env_file: str | None, host: str, port: int, reuse_port: bool) -> None:
+    from okta_agent_proxy.app import run_until_stopped
+
+    loaded = _load_or_exit(config, env_file)
+    configure(loaded.settings.LOG_LEVEL, loaded.settings.LOG_FORMAT)
+    _run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port))
+
+
+def _serve_workers(config: str | None, env_file: str | None, host: str, port: int, workers: int) -> None:
+    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them."""
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_serve_one, args=(config, env_file, host, port, True), name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def stop(signum: int, _: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    exit_codes = []
+    for process in processes:
+        process.join()
+        exit_codes.append(process.exitcode or 0)
+    raise SystemExit(max(exit_codes))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="okta-agent-proxy")
+def cli() -> None:
+    """Okta Agent Proxy: a gateway between AI agents and an enterprise's MCP servers."""
+
+
+_config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML path (default: $CONFIG_PATH).",
+)
+_env_file_option = click.option("--env-file", default=".env", show_default=True, help="The .env file to read.")
+
+
+@cli.command()
+@_config_option
+@_env_file_option
+@click.option("--host", default=None, help="Bind address (default: $GATEWAY_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default: $GATEWAY_PORT).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Processes on one port.")
+def serve(config: str | None, env_file: str, host: str | None, port: int | None, workers: int) -> None:
+    """Run the gateway."""
+    loaded = _load_or_exit(config, env_file)
+    host = host or loaded.settings.GATEWAY_HOST
+    port = loaded.settings.GATEWAY_PORT if port is None else port
+    if not loaded.settings.OKTA_ISSUER and not is_loopback_host(host):
+        # Without an issuer no caller is authenticated, and every caller would reach the backends with the
+        # gateway's credentials. Refuse to expose that beyond this machine.
+        click.echo(
+            f"error: refusing to listen on {host} without OKTA_ISSUER: unauthenticated mode serves loopback only",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    if workers == 1:
+        _serve_one(config, env_file, host, port, reuse_port=False)
+    else:
+        _serve_workers(config, env_file, host, port, workers)
+
+
+@cli.command()
+@_config_option
+@_env_file_option
+def check(config: str | None, env_file: str) -> None:
+    """Validate .env, the environment and the YAML; print every problem; exit 2 on errors."""
+    loaded = _load_or_exit(config, env_file)
+    cfg = loaded.config
+    click.echo(f"ok: {len(cfg.backends)} backend(s), {len(cfg.agents)} agent(s), {len(loaded.warnings)} warning(s)")
+
+
+@cli.command("config-schema")
+def config_schema_command() -> None:
+    """Print the JSON Schema of config.yaml."""
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+@cli.command()
+@click.option("--port", type=int, default=8000, show_default=True, help="Gateway port (0: any free port).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where to write.")
+def demo(port: int, workdir: Path | None) -> None:
+    """Run sample MCP backends and the gateway on loopback, and print commands to try."""
+    from okta_agent_proxy.devkit.demo import run_demo
+
+    configure("INFO", "console")
+    _run_loop(run_demo(port=port, workdir=workdir))
+
+
+def main() -> None:
+    cli(prog_name="okta-agent-proxy")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,270 @@
+"""Load `.env` + environment and `config/config.yaml` into checked, frozen objects — or a list of every problem.
+
+Each problem names where it is (`backends.employees.paths[0]`, `env GATEWAY_PORT`) and says what is wrong; it never
+quotes a value, so a secret in a bad field cannot leak into a log or a terminal. Secrets in the YAML may be
+`${ENV_NAME}` (anywhere in a string) or `{file: path}` (relative to the YAML's folder); literal secrets load, with a
+warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import ValidationError
+
+from okta_agent_proxy.config import AUTH_METHODS, CrossAppBackend, GatewayConfig
+from okta_agent_proxy.settings import Settings, is_loopback_host
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_KEYS = frozenset({"key", "password", "target_client_secret", "private_key"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.path}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every error (and the warnings found on the way)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        errors = [p for p in problems if p.severity == "error"]
+        super().__init__(f"{len(errors)} configuration error(s): " + "; ".join(str(p) for p in errors[:3]))
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    settings: Settings
+    config: GatewayConfig
+    warnings: list[Problem] = field(default_factory=list)
+
+
+_VALIDATOR_TAG = re.compile(r"^function-(after|before|wrap|plain)\[")
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """('backends', 'employees', 'pre-shared-key', 'paths', 0) → 'backends.employees.paths[0]'."""
+    out = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif (index == 2 and loc[0] == "backends" and part in AUTH_METHODS) or _VALIDATOR_TAG.match(part):
+            continue  # the backend union's tag, or a validator's name: not YAML keys
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "union_tag_not_found":
+        return f"auth_method is required (one of {', '.join(AUTH_METHODS)})"
+    if kind == "union_tag_invalid":
+        return f"auth_method must be one of {', '.join(AUTH_METHODS)}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def problems_from(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = format_loc(tuple(error["loc"]))
+        path = f"{prefix}{loc}" if loc else prefix.rstrip(". ") or "(root)"
+        problems.append(Problem(path, _message(error)))
+    return problems
+
+
+def resolve_references(
+    node: Any, environ: Mapping[str, str], base_dir: Path, path: str = ""
+) -> tuple[Any, list[Problem]]:
+    """Replace `${NAME}` and `{file: path}` throughout the raw YAML tree; warn on literal secrets."""
+    problems: list[Problem] = []
+    if isinstance(node, dict):
+        if set(node) == {"file"}:
+            return _read_secret_file(node["file"], base_dir, path)
+        out = {}
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else str(key)
+            literal_string = isinstance(value, str) and value and not _ENV_REF.search(value)
+            inline_mapping = isinstance(value, dict) and set(value) != {"file"}
+            if key in _SECRET_KEYS and (literal_string or inline_mapping):
+                problems.append(Problem(child, "literal secret; prefer ${ENV_NAME} or {file: path}", "warning"))
+            out[key], sub = resolve_references(value, environ, base_dir, child)
+            problems += sub
+        return out, problems
+    if isinstance(node, list):
+        items = []
+        for index, value in enumerate(node):
+            item, sub = resolve_references(value, environ, base_dir, f"{path}[{index}]")
+            items.append(item)
+            problems += sub
+        return items, problems
+    if isinstance(node, str) and "${" in node:
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                problems.append(Problem(path, f"environment variable {name} is not set"))
+                return ""
+            return environ[name]
+
+        return _ENV_REF.sub(substitute, node), problems
+    return node, problems
+
+
+def _read_secret_file(name: Any, base_dir: Path, path: str) -> tuple[Any, list[Problem]]:
+    if not isinstance(name, str) or not name:
+        return None, [Problem(path, "{file: …} needs a path")]
+    file = Path(name) if Path(name).is_absolute() else base_dir / name
+    try:
+        return file.read_text(encoding="utf-8").rstrip("\r\n"), []
+    except OSError as exc:
+        return None, [Problem(path, f"cannot read secret file {file}: {exc.strerror}")]
+
+
+def cross_check(config: GatewayConfig) -> list[Problem]:
+    """Problems no single model can see: references between backends and agents, and route clashes."""
+    problems: list[Problem] = []
+    seen_paths: dict[str, str] = {}
+    for name, backend in config.backends.items():
+        for index, route in enumerate(backend.paths):
+            other = seen_paths.setdefault(route, name)
+            if other != name:
+                problems.append(Problem(f"backends.{name}.paths[{index}]", f"{route} is also a path of {other}"))
+            elif backend.paths.index(route) != index:
+                problems.append(Problem(f"backends.{name}.paths[{index}]", f"{route} is listed twice"))
+        if isinstance(backend, CrossAppBackend):
+            problems.append(
+                Problem(
+                    f"backends.{name}.auth_method",
+                    "okta-cross-app is not implemented in this build yet: requests get 502 token_exchange_failed",
+                    "warning",
+                )
+            )
+    seen_ids: dict[str, str] = {}
+    for name, agent in config.agents.items():
+        if agent.private_key is not None and agent.private_key.is_published_example:
+            problems.append(
+                Problem(
+                    f"agents.{name}.private_key",
+                    "the example key from env.template is public; make your own",
+                    "warning",
+                )
+            )
+        for cid in agent.caller_client_ids:
+            other = seen_ids.setdefault(cid, name)
+            if other != name:
+                problems.append(Problem(f"agents.{name}", f"client id {cid} also identifies agent {other}"))
+        for index, backend_name in enumerate(agent.backend_access):
+            where = f"agents.{name}.backend_access[{index}]"
+            target = config.backends.get(backend_name)
+            if target is None:
+                problems.append(Problem(where, f"backend {backend_name} is not defined", "warning"))
+            elif isinstance(target, CrossAppBackend) and agent.private_key is None:
+                problems.append(
+                    Problem(
+                        f"agents.{name}.private_key",
+                        f"required: the agent may reach okta-cross-app backend {backend_name}",
+                    )
+                )
+    return problems
+
+
+def check_settings_consistency(settings: Settings) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in ("OKTA_DOMAIN", "OKTA_ISSUER", "OKTA_JWKS_URI"):
+        value = getattr(settings, name)
+        if not value:
+            continue
+        url = value if "://" in value else f"https://{value}"
+        parts = urlsplit(url)
+        if parts.scheme != "https" and not is_loopback_host(parts.hostname):
+            problems.append(Problem(f"env {name}", "must use https (plain http only on loopback hosts)"))
+    issuer = settings.OKTA_ISSUER
+    if not issuer:
+        problems.append(
+            Problem(
+                "env OKTA_ISSUER",
+                "not set: callers are not authenticated, and serve listens on loopback addresses only",
+                "warning",
+            )
+        )
+    elif "/oauth2/" not in issuer:
+        problems.append(
+            Problem(
+                "env OKTA_ISSUER",
+                "looks like the org authorization server; its access tokens are for Okta's own APIs. "
+                "Use a custom authorization server (…/oauth2/<id>)",
+                "warning",
+            )
+        )
+    return problems
+
+
+def load_settings(env_file: str | None = ".env", overrides: Mapping[str, Any] | None = None) -> Settings:
+    return Settings(_env_file=env_file, **(overrides or {}))
+
+
+def load(
+    config_path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: str | None = ".env",
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Load settings and YAML; raise ConfigError listing every problem (warnings included) if any is an error."""
+    if environ is None:
+        # `${NAME}` sees the same variables as the settings: the .env file's, overridden by the real environment.
+        dotenv = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file else {}
+        environ = {**dotenv, **os.environ}
+    problems: list[Problem] = []
+    try:
+        settings = load_settings(env_file, overrides)
+    except ValidationError as exc:
+        problems += [Problem(f"env {p.path}", p.message) for p in problems_from(exc)]
+        raise ConfigError(problems) from None
+    problems += check_settings_consistency(settings)
+
+    path = Path(config_path or settings.CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([*problems, Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError([*problems, Problem(where, f"not valid YAML ({getattr(exc, 'problem', exc)})")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([*problems, Problem("(root)", "must be a mapping with backends: and agents:")])
+
+    resolved, reference_problems = resolve_references(raw, environ, path.parent)
+    problems += reference_problems
+    try:
+        config = GatewayConfig.model_validate(resolved)
+    except ValidationError as exc:
+        # A field whose reference did not resolve has already been reported; skip its knock-on errors.
+        reported = {p.path for p in reference_problems if p.severity == "error"}
+        problems += [p for p in problems_from(exc) if p.path not in reported]
+        raise ConfigError(problems) from None
+    problems += cross_check(config)
+    if any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return LoadedConfig(settings=settings, config=config, warnings=problems)

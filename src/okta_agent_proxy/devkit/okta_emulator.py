@@ -1,0 +1,422 @@
+"""An embedded, Okta-shaped identity provider for the demo and the tests (`okta-agent-proxy demo idp`).
+
+What it emulates, on one loopback port (PROTOCOL.md §2.1, §2.6):
+- the **org authorization server**: issuer `http://127.0.0.1:PORT`, `/oauth2/v1/keys`, `/oauth2/v1/token`, metadata
+  at `/.well-known/oauth-authorization-server` and `/.well-known/openid-configuration`;
+- **custom authorization servers** `/oauth2/{id}`, each with its default audience: `{issuer}/v1/keys`,
+  `{issuer}/v1/token`, and metadata where Okta serves it, path-*appended* (`{issuer}/.well-known/…`). The RFC 8414
+  path-*inserted* location is 404 as on Okta unless `path_inserted_metadata=True`, so discovery is tested the way
+  real Okta behaves.
+
+Okta behaviours kept: access tokens shaped like Okta's (header RS256 + `kid`, no `typ`; `ver` 1, `jti` "AT.…", `iss`,
+`aud`, `iat`, `exp`, `cid`, `uid`, `scp` as a JSON array, `auth_time`, `sub` = the user's login, or the client id on
+client-credentials tokens); ID tokens with `aud` = the client id and `sub` = the user id; one RSA key per server
+under an opaque, stable `kid`, and rotation that may keep the old key published; client_credentials at custom
+servers, clients authenticated as Okta does (`okta_emulator_keys.py`); RFC 6749 §5.2 errors with `no-store`; Okta's
+JSON 404 for an unknown authorization server.
+
+For tests: tokens minted in code for configured users and apps, claims and headers overridable; `rotate_keys`,
+`retire_key`; JWKS failure injection (`set_jwks_mode`); per-server counters of JWKS fetches and token requests; an
+injectable clock. Extension point: `/v1/token` dispatches on `grant_type` through a table of `GrantHandler`s per kind
+of server (`register_grant`), which is also the metadata's `grant_types_supported`. Cross App Access plugs in there
+(RFC 8693 ID-JAG exchange at the org server, RFC 7523 jwt-bearer at custom servers); a grant type missing from the
+table gets `unsupported_grant_type` before any client authentication.
+
+Not emulated: `/v1/authorize` (advertised, not served), login, sessions, consent, refresh tokens, introspection,
+revocation, userinfo, logout, access policies (an authenticated app gets any scope its server defines), rate limits,
+JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged; `run_emulator` prints its demo
+token on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Self, TextIO, get_args
+
+import structlog
+from aiohttp import web
+from multidict import MultiDict
+
+from okta_agent_proxy.devkit.okta_emulator_keys import (
+    OIDC_SCOPES,
+    App,
+    AuthorizationServer,
+    ClientAuthenticator,
+    EmulatorKey,
+    GrantHandler,
+    KeyRing,
+    OAuthError,
+    TokenRequest,
+    User,
+    index,
+    metadata_document,
+    okta_error,
+    okta_id,
+    single,
+)
+
+__all__ = [
+    "CLIENT_CREDENTIALS",
+    "ORG",
+    "App",
+    "AuthorizationServer",
+    "GrantHandler",
+    "JwksMode",
+    "OAuthError",
+    "OktaEmulator",
+    "TokenRequest",
+    "User",
+    "okta_id",
+    "run_emulator",
+]
+
+ORG = "org"  # the id under which the org authorization server is addressed in this API
+CLIENT_CREDENTIALS = "client_credentials"
+LOOPBACK = "127.0.0.1"
+JwksMode = Literal["ok", "down", "slow", "garbage"]
+ServerKind = Literal["org", "custom"]
+Clock = Callable[[], float]
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only "slow" JWKS answers take long)
+
+
+class OktaEmulator:
+    """The emulated Okta org. `async with OktaEmulator(...) as idp:` serves it on 127.0.0.1 in the running loop."""
+
+    def __init__(
+        self,
+        *,
+        auth_servers: Sequence[AuthorizationServer] = (AuthorizationServer("default", "api://default"),),
+        users: Sequence[User] = (),
+        apps: Sequence[App] = (),
+        port: int = 0,
+        path_inserted_metadata: bool = False,
+        issuer_assertion_audience: bool = False,
+        jwks_delay_seconds: float = 5.0,
+        clock: Clock = time.time,
+    ) -> None:
+        """`issuer_assertion_audience` also accepts the issuer as a client assertion's `aud` (rfc7523bis);
+        Okta accepts only the token endpoint URL. `jwks_delay_seconds` is how long "slow" JWKS answers wait."""
+        self._custom = index("authorization server id", {server.id: server for server in auth_servers}, auth_servers)
+        self._users = index("user login", {user.login: user for user in users}, users)
+        self._apps = index("app client_id", {app.client_id: app for app in apps}, apps)
+        self._port = port
+        self._path_inserted_metadata = path_inserted_metadata
+        self._issuer_assertion_audience = issuer_assertion_audience
+        self._clock = clock
+        # One logger per emulator, bound on first use: a test's structlog capture sees this instance's events.
+        self._log = structlog.get_logger(__name__)
+        self._clients = ClientAuthenticator(self._apps, clock)
+        self._grants: dict[ServerKind, dict[str, GrantHandler]] = {
+            "org": {},
+            "custom": {CLIENT_CREDENTIALS: self._client_credentials},
+        }
+        self._keys: dict[str, KeyRing] = {}
+        self._runner: web.AppRunner | None = None
+        self._base_url: str | None = None
+        self._jwks_mode: JwksMode = "ok"
+        self._jwks_delay_seconds = jwks_delay_seconds
+        self.org_id = okta_id("00o")
+        self.jwks_fetches: Counter[str] = Counter()
+        """Requests to each server's `/v1/keys`, whatever the JWKS mode answered."""
+        self.token_requests: Counter[str] = Counter()
+        """Requests to each server's `/v1/token`, successful or not."""
+
+    # ---- lifecycle and addresses
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("the Okta emulator is already started")
+        ids = [ORG, *self._custom]
+        # RSA key generation is CPU work: keep it off the event loop.
+        keys = await asyncio.gather(*(asyncio.to_thread(EmulatorKey.generate) for _ in ids))
+        self._keys = {server_id: KeyRing(key) for server_id, key in zip(ids, keys, strict=True)}
+        runner = web.AppRunner(
+            self._application(), access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_GRACE_SECONDS
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, LOOPBACK, self._port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._base_url = f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+        self._log.info("okta_emulator_started", base_url=self._base_url, auth_servers=sorted(self._custom))
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner, self._base_url = self._runner, None, None
+            await runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:PORT`: the org's URL, also the org authorization server's issuer."""
+        if self._base_url is None:
+            raise RuntimeError("the Okta emulator is not started")
+        return self._base_url
+
+    def issuer(self, auth_server_id: str) -> str:
+        self._keyring(auth_server_id)
+        return self.base_url if auth_server_id == ORG else f"{self.base_url}/oauth2/{auth_server_id}"
+
+    def jwks_uri(self, auth_server_id: str) -> str:
+        return f"{self._endpoints(auth_server_id)}/v1/keys"
+
+    def token_endpoint(self, auth_server_id: str) -> str:
+        return f"{self._endpoints(auth_server_id)}/v1/token"
+
+    def audience(self, auth_server_id: str) -> str:
+        """The default `aud` of the server's access tokens (the org's own URL for the org server, as on Okta)."""
+        return self.base_url if auth_server_id == ORG else self._custom[auth_server_id].audience
+
+    def _endpoints(self, auth_server_id: str) -> str:
+        return f"{self.base_url}/oauth2" if auth_server_id == ORG else self.issuer(auth_server_id)
+
+    def _keyring(self, auth_server_id: str) -> KeyRing:
+        if auth_server_id not in self._keys:
+            raise KeyError(f"unknown authorization server {auth_server_id!r} (or the emulator is not started)")
+        return self._keys[auth_server_id]
+
+    # ---- test controls
+
+    def register_grant(self, grant_type: str, handler: GrantHandler, *, kind: ServerKind) -> None:
+        """Serve `grant_type` at every `/v1/token` of this kind of authorization server (replacing any handler)."""
+        self._grants[kind][grant_type] = handler
+
+    def rotate_keys(self, auth_server_id: str, keep_old: bool = True) -> str:
+        """Publish a new signing key and return its `kid`; the old keys stay in the JWKS only when `keep_old`.
+
+        Generates an RSA key synchronously (about 0.1 s): a test control, not a request path."""
+        kid = self._keyring(auth_server_id).rotate(EmulatorKey.generate(), keep_old=keep_old)
+        self._log.info("okta_emulator_keys_rotated", auth_server=auth_server_id, kid=kid, kept_old=keep_old)
+        return kid
+
+    def retire_key(self, auth_server_id: str, kid: str) -> None:
+        """Remove a key that no longer signs from the JWKS (KeyError if unknown, ValueError if it signs)."""
+        self._keyring(auth_server_id).retire(kid)
+        self._log.info("okta_emulator_key_retired", auth_server=auth_server_id, kid=kid)
+
+    def signing_kid(self, auth_server_id: str) -> str:
+        return self._keyring(auth_server_id).signing_key.kid
+
+    def jwks(self, auth_server_id: str) -> dict[str, Any]:
+        """The JWKS the server publishes right now (without an HTTP round trip)."""
+        return self._keyring(auth_server_id).jwks()
+
+    def set_jwks_mode(self, mode: JwksMode, *, delay_seconds: float | None = None) -> None:
+        """How every `/v1/keys` answers from now on: "ok"; "down" (503); "slow" (the JWKS after `delay_seconds`,
+        default the constructor's `jwks_delay_seconds`); "garbage" (200, `application/json`, a body that is not JSON).
+        """
+        if mode not in get_args(JwksMode):
+            raise ValueError(f"unknown JWKS mode {mode!r}")
+        self._jwks_mode = mode
+        if delay_seconds is not None:
+            self._jwks_delay_seconds = delay_seconds
+
+    # ---- minting
+
+    def mint_access_token(
+        self,
+        auth_server_id: str,
+        *,
+        user: User | str | None,
+        client_id: str,
+        scopes: Sequence[str],
+        lifetime: int = 3600,
+        audience: str | Sequence[str] | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An access token as the server would issue it to `client_id` for `user` (a User, or a configured login;
+        None: a client-credentials token, `sub` = `cid` and no `uid`). `extra_claims` and `headers` are applied
+        last; a None value removes the claim or header. An `alg` header changes the algorithm (RS384, RS512)."""
+        now = int(self._clock())
+        aud = audience or self.audience(auth_server_id)
+        claims: dict[str, Any] = {"ver": 1, "jti": f"AT.{secrets.token_urlsafe(32)}"}
+        claims |= {"iss": self.issuer(auth_server_id), "aud": aud if isinstance(aud, str) else [*aud], "iat": now}
+        claims |= {"exp": now + lifetime, "cid": client_id}
+        person = self._user(user) if user is not None else None
+        if person is None:
+            claims |= {"scp": list(scopes), "sub": client_id}
+        else:
+            claims |= {"uid": person.uid, "scp": list(scopes), "auth_time": now, "sub": person.login}
+        return self._keyring(auth_server_id).signing_key.sign({**claims, **(extra_claims or {})}, headers or {})
+
+    def mint_id_token(
+        self,
+        auth_server_id: str,
+        *,
+        user: User | str,
+        client_id: str,
+        lifetime: int = 3600,
+        nonce: str | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An OIDC ID token for `user` at `client_id` (`aud` = the client id, `sub` = the user id, no `scp`)."""
+        person, now = self._user(user), int(self._clock())
+        claims: dict[str, Any] = {"sub": person.uid, "ver": 1, "iss": self.issuer(auth_server_id), "aud": client_id}
+        claims |= {"iat": now, "exp": now + lifetime, "jti": f"ID.{secrets.token_urlsafe(32)}", "amr": ["pwd"]}
+        claims |= {"idp": self.org_id, **({"nonce": nonce} if nonce else {}), "preferred_username": person.login}
+        claims["auth_time"] = now
+        return self._keyring(auth_server_id).signing_key.sign({**claims, **(extra_claims or {})}, headers or {})
+
+    def _user(self, user: User | str) -> User:
+        if isinstance(user, User):
+            return user
+        if user not in self._users:
+            raise KeyError(f"no configured user with login {user!r}")
+        return self._users[user]
+
+    # ---- HTTP
+
+    def _application(self) -> web.Application:
+        app = web.Application()
+        routes = app.router
+        routes.add_get("/oauth2/v1/keys", self._handle_jwks)
+        routes.add_post("/oauth2/v1/token", self._handle_token)
+        routes.add_get("/.well-known/oauth-authorization-server", self._handle_oauth_metadata)
+        routes.add_get("/.well-known/openid-configuration", self._handle_oidc_metadata)
+        routes.add_get("/oauth2/{id}/v1/keys", self._handle_jwks)
+        routes.add_post("/oauth2/{id}/v1/token", self._handle_token)
+        routes.add_get("/oauth2/{id}/.well-known/oauth-authorization-server", self._handle_oauth_metadata)
+        routes.add_get("/oauth2/{id}/.well-known/openid-configuration", self._handle_oidc_metadata)
+        if self._path_inserted_metadata:  # RFC 8414 §3.1; real Okta does not serve it
+            routes.add_get("/.well-known/oauth-authorization-server/oauth2/{id}", self._handle_oauth_metadata)
+        return app
+
+    def _server_id(self, request: web.Request) -> str:
+        server_id = request.match_info.get("id")
+        if server_id is None:
+            return ORG
+        if server_id not in self._custom:
+            raise web.HTTPNotFound(text=okta_error("E0000007", f"Not found: {server_id} (AuthorizationServer)"))
+        return server_id
+
+    async def _handle_jwks(self, request: web.Request) -> web.Response:
+        server_id = self._server_id(request)
+        self.jwks_fetches[server_id] += 1
+        if self._jwks_mode == "down":
+            body = okta_error("E0000009", "Service unavailable (emulated outage)")
+            return web.Response(status=503, text=body, content_type="application/json", headers={"Retry-After": "1"})
+        if self._jwks_mode == "garbage":
+            return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="application/json")
+        if self._jwks_mode == "slow":
+            await asyncio.sleep(self._jwks_delay_seconds)
+        return web.json_response(self._keyring(server_id).jwks())
+
+    async def _handle_oauth_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(self._metadata(self._server_id(request), oidc=False))
+
+    async def _handle_oidc_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(self._metadata(self._server_id(request), oidc=True))
+
+    def _metadata(self, server_id: str, *, oidc: bool) -> dict[str, Any]:
+        # grant_types_supported is exactly what this server's /v1/token serves.
+        return metadata_document(
+            issuer=self.issuer(server_id),
+            endpoints=self._endpoints(server_id),
+            grant_types=list(self._grants["org" if server_id == ORG else "custom"]),
+            scopes=OIDC_SCOPES if server_id == ORG else self._custom[server_id].scopes,
+            oidc=oidc,
+        )
+
+    async def _handle_token(self, request: web.Request) -> web.Response:
+        server_id = self._server_id(request)
+        self.token_requests[server_id] += 1
+        try:
+            if request.content_type != "application/x-www-form-urlencoded":
+                raise OAuthError("invalid_request", "The request must be application/x-www-form-urlencoded.")
+            form = MultiDict((k, v) for k, v in (await request.post()).items() if isinstance(v, str))
+            grant_type = single(form, "grant_type")
+            if grant_type is None:
+                raise OAuthError("invalid_request", "The 'grant_type' parameter is required.")
+            handler = self._grants["org" if server_id == ORG else "custom"].get(grant_type)
+            if handler is None:
+                raise OAuthError("unsupported_grant_type", "The grant type is not supported by this server.")
+            audiences = {self.token_endpoint(server_id)}
+            if self._issuer_assertion_audience:
+                audiences.add(self.issuer(server_id))
+            client = self._clients.authenticate(request.headers.get("Authorization"), form, audiences)
+            body = await handler(TokenRequest(server_id, client, form))
+        except OAuthError as refusal:
+            self._log.info("okta_emulator_token_refused", auth_server=server_id, error=refusal.error)
+            return refusal.response()
+        self._log.info(
+            "okta_emulator_token_issued", auth_server=server_id, grant_type=grant_type, client=client.client_id
+        )
+        return web.json_response(body, headers=_NO_STORE)
+
+    async def _client_credentials(self, request: TokenRequest) -> dict[str, Any]:
+        server = self._custom[request.auth_server_id]
+        scopes = server.grantable_scopes(request.param("scope"))
+        token = self.mint_access_token(server.id, user=None, client_id=request.client.client_id, scopes=scopes)
+        return {"token_type": "Bearer", "expires_in": 3600, "access_token": token, "scope": " ".join(scopes)}
+
+
+# ---- the standalone demo IdP
+
+DEMO_AUTH_SERVER_ID = "aus-gateway"
+DEMO_AUDIENCE = "http://localhost:8000"
+DEMO_SCOPES = ("mcp:read", "mcp:write")
+DEMO_USER = User("ada.lovelace@example.com", "00udemoada0lovelace1")
+DEMO_APP = App("0oademocursor0000001", "Cursor")
+
+
+async def run_emulator(
+    port: int = 0,
+    *,
+    audience: str = DEMO_AUDIENCE,
+    token_lifetime: int = 3600,
+    out: TextIO | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the demo org until SIGINT/SIGTERM (or `stop` is set), after printing where it is and a user token.
+
+    The org has one custom authorization server, `aus-gateway`, for the gateway at `audience`, one user and one
+    app (`Cursor`); the printed token is that user's, through that app, with `mcp:read mcp:write`."""
+    server = AuthorizationServer(DEMO_AUTH_SERVER_ID, audience, scopes=DEMO_SCOPES)
+    idp = OktaEmulator(auth_servers=[server], users=[DEMO_USER], apps=[DEMO_APP], port=port)
+    async with idp:
+        token = idp.mint_access_token(
+            server.id, user=DEMO_USER, client_id=DEMO_APP.client_id, scopes=DEMO_SCOPES, lifetime=token_lifetime
+        )
+        issuer = idp.issuer(server.id)
+        print(
+            f"Okta emulator (an Okta-shaped IdP for development) at {idp.base_url}\n"
+            f"  org authorization server   issuer {idp.issuer(ORG)}\n"
+            f"  custom authorization server {server.id}\n"
+            f"    issuer    {issuer}\n"
+            f"    audience  {audience}\n"
+            f"    JWKS URI  {idp.jwks_uri(server.id)}\n"
+            f"    metadata  {issuer}/.well-known/oauth-authorization-server\n\n"
+            f"Gateway settings:\n  OKTA_DOMAIN={idp.base_url}\n  OKTA_ISSUER={issuer}\n  OKTA_AUDIENCE={audience}\n"
+            f"  OKTA_JWKS_URI={idp.jwks_uri(server.id)}\n\n"
+            f"Access token for {DEMO_USER.login} through app {DEMO_APP.name} (cid {DEMO_APP.client_id}), "
+            f"scopes {' '.join(DEMO_SCOPES)}, valid {token_lifetime} s:\n{token}\n\nPress Ctrl-C to stop.",
+            file=out or sys.stdout,
+            flush=True,
+        )
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,143 @@
+"""The gateway's one error tree (DESIGN.md §1, the error table).
+
+Every failure the gateway itself decides is a `GatewayError`: an HTTP status, a machine-readable `error` code, a
+message that is safe to show a client (never a token, key or upstream body), and any headers OAuth requires. The
+body is the seed's shape generalised: `{"error", "message", "agent_id"}`. Malformed JSON is the one exception: a
+JSON-RPC parse error (-32700), because the client is a JSON-RPC peer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, agent_id: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.agent_id = agent_id
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, "agent_id": self.agent_id}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body(), separators=(",", ":")).encode()
+
+
+class InternalError(GatewayError):
+    status = 500
+    code = "internal_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class MisdirectedRequest(GatewayError):
+    status = 421
+    code = "misdirected_request"
+
+
+class ForbiddenOrigin(GatewayError):
+    status = 403
+    code = "forbidden_origin"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class MalformedJson(GatewayError):
+    """400 with a JSON-RPC parse-error body (JSON-RPC 2.0 §5.1, code -32700)."""
+
+    status = 400
+    code = "parse_error"
+
+    def body(self) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": self.message}}
+
+
+class Unauthenticated(GatewayError):
+    """401: no usable token. The challenge is added by the pipeline, which knows the route's metadata URL."""
+
+    status = 401
+    code = "invalid_token"
+    # RFC 6750 §3.1: no error code when the request carried no credentials.
+    oauth_error: str | None = "invalid_token"
+
+
+class MissingToken(Unauthenticated):
+    oauth_error = None
+
+
+class InvalidToken(Unauthenticated):
+    pass
+
+
+class IdpUnavailable(GatewayError):
+    """The IdP (JWKS, token endpoint) could not be reached: not the caller's fault, never a 401."""
+
+    status = 503
+    code = "idp_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, agent_id: str | None = None) -> None:
+        super().__init__(message, agent_id=agent_id, headers={"Retry-After": str(retry_after)})
+
+
+class AuthorizationDenied(GatewayError):
+    status = 403
+    code = "authorization_denied"
+
+
+class InsufficientScope(GatewayError):
+    """403 with an RFC 6750 insufficient_scope challenge listing every scope the operation needs."""
+
+    status = 403
+    code = "insufficient_scope"
+
+    def __init__(self, message: str, *, scopes: tuple[str, ...], agent_id: str | None = None) -> None:
+        super().__init__(message, agent_id=agent_id)
+        self.scopes = scopes
+
+
+class BackendUnavailable(GatewayError):
+    status = 502
+    code = "backend_unavailable"
+
+
+class BackendTimeout(GatewayError):
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendRejectedCredential(GatewayError):
+    """The backend refused the credential the gateway sent. The caller's token is fine, so no 401 (it would loop
+    the client through a needless re-login) and the backend's own challenge is not relayed."""
+
+    status = 502
+    code = "backend_rejected_credential"
+
+
+class TokenExchangeFailed(GatewayError):
+    status = 403
+    code = "token_exchange_failed"
+
+
+class CredentialUnavailable(GatewayError):
+    """The gateway cannot obtain a credential for this backend (misconfiguration or unimplemented method)."""
+
+    status = 502
+    code = "token_exchange_failed"

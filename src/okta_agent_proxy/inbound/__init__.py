@@ -1,0 +1,1 @@
+"""Who is calling: the verified Okta token and the agent it identifies (pipeline steps 2–3)."""

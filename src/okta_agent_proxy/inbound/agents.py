@@ -1,0 +1,45 @@
+"""Which agent is calling (DESIGN.md §2, step 3): decided by the verified token, never by a header alone.
+
+The agent is the configured one whose `inbound_client_ids` (default: its `client_id`) contains the token's client
+(`cid`, else `client_id` or `azp`). `X-Agent-ID` is only a consistency check: if sent, it must name that same agent.
+`AGENT_IDENTIFICATION=header` trusts the header instead — for experiments only, and loudly logged on every use,
+because anyone can send any header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from okta_agent_proxy.config import Agent
+from okta_agent_proxy.errors import AuthorizationDenied
+from okta_agent_proxy.inbound.validator import Principal
+from okta_agent_proxy.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifiedAgent:
+    name: str
+    agent: Agent
+
+
+class AgentDirectory:
+    def __init__(self, agents: Mapping[str, Agent], *, mode: str = "token") -> None:
+        self._agents = dict(agents)
+        self._by_client_id = {cid: name for name, agent in agents.items() for cid in agent.caller_client_ids}
+        self._mode = mode
+
+    def identify(self, principal: Principal, claimed: str | None) -> IdentifiedAgent:
+        if self._mode == "header":
+            log.warning("agent_identified_by_header", agent=claimed, subject_client=principal.client_id)
+            if claimed is None or claimed not in self._agents:
+                raise AuthorizationDenied("X-Agent-ID must name a configured agent", agent_id=claimed)
+            return IdentifiedAgent(claimed, self._agents[claimed])
+        name = self._by_client_id.get(principal.client_id or "")
+        if name is None:
+            raise AuthorizationDenied("the token's client is not a configured agent", agent_id=None)
+        if claimed is not None and claimed != name:
+            raise AuthorizationDenied("X-Agent-ID does not match the agent the token was issued to", agent_id=name)
+        return IdentifiedAgent(name, self._agents[name])

@@ -1,0 +1,1 @@
+"""Speaking MCP: inspecting messages, session bindings, and forwarding Streamable HTTP."""

@@ -1,0 +1,183 @@
+"""Forward one MCP Streamable HTTP request to its backend and stream the answer back (DESIGN.md §2, step 8).
+
+Both protocol generations pass through untranslated (PROTOCOL.md §4): POST answered with JSON, an SSE stream or
+202; GET streams; DELETE; session, version, method and `Last-Event-ID` headers. Request headers go upstream by
+allow-list only, so the caller's `Authorization`, cookies and anything unknown never reach a backend; the backend's
+own credential is added instead, and `Host` is the backend's. Response bytes go to the client as they arrive —
+nothing is buffered — and SSE responses carry `X-Accel-Buffering: no` for any buffering proxy in front of us.
+
+Timeouts: `timeout_seconds` bounds the connect and every wait for the next byte of a POST's answer (JSON or SSE),
+so a long stream that keeps talking is never cut. A GET stream is the server's idle channel by design, so after
+its headers arrive it has no read timeout. A client that goes away cancels the handler, which closes the upstream
+connection, so the backend sees the cancellation too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from okta_agent_proxy.config import Backend
+from okta_agent_proxy.errors import (
+    BackendRejectedCredential,
+    BackendTimeout,
+    BackendUnavailable,
+)
+
+# DESIGN.md §2: request headers a backend may see. Mcp-Param-* is matched by prefix.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "content-type",
+        "accept",
+        "accept-language",
+        "user-agent",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+        "traceparent",
+        "tracestate",
+    }
+)
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    }
+    | {"upgrade", "proxy-connection"}
+)
+# Response headers the client never gets from a backend: hop-by-hop ones, our own Date/Server, and the backend's
+# auth challenge (the client authenticates to the gateway, not to the backend — PROTOCOL.md §4).
+_DROPPED_RESPONSE_HEADERS = _HOP_BY_HOP | {"date", "server", "www-authenticate"}
+_SSE = "text/event-stream"
+
+
+class UpstreamPool:
+    """One pooled aiohttp client session per backend, opened at start and closed at shutdown."""
+
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
+        self._backends = dict(backends)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def start(self) -> None:
+        for name in self._backends:
+            connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=30, enable_cleanup_closed=True)
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
+                auto_decompress=False,  # bytes pass through as the backend sent them
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        await asyncio.gather(*(session.close() for session in sessions.values()))
+
+    def session(self, backend_name: str) -> aiohttp.ClientSession:
+        return self._sessions[backend_name]
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    extra_allowed: frozenset[str],
+    credential_headers: Mapping[str, str],
+    request_id: str,
+) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-") or lower in extra_allowed:
+            headers.add(name, value)
+    headers["X-Request-ID"] = request_id
+    headers.update(credential_headers)
+    return headers
+
+
+def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in _DROPPED_RESPONSE_HEADERS:
+            headers.add(name, value)
+    headers["X-Request-ID"] = request_id
+    if headers.get("Content-Type", "").startswith(_SSE):
+        headers["X-Accel-Buffering"] = "no"
+    return headers
+
+
+def sse_error_event(code: str, message: str) -> bytes:
+    """An SSE event telling a client why a stream ended early; not a JSON-RPC message, so never mistaken for one."""
+    return f'event: error\ndata: {{"error":"{code}","message":"{message}"}}\n\n'.encode()
+
+
+class Forwarder:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    async def open(
+        self,
+        backend_name: str,
+        backend: Backend,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return the response once its headers are in, or raise a GatewayError."""
+        # A GET stream idles by design: bound only the wait for its headers, not the gaps between its events.
+        idle_stream = method == "GET"
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=backend.timeout_seconds,
+            sock_read=None if idle_stream else backend.timeout_seconds,
+        )
+        try:
+            async with asyncio.timeout(backend.timeout_seconds if idle_stream else None):
+                response = await self._pool.session(backend_name).request(
+                    method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                )
+        except TimeoutError:
+            raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
+        except aiohttp.ClientError:
+            raise BackendUnavailable(f"backend {backend_name} is unreachable") from None
+        return response
+
+    async def relay(
+        self, request: web.Request, response: aiohttp.ClientResponse, backend_name: str, request_id: str
+    ) -> web.StreamResponse:
+        """Stream the backend's response to the client as it arrives; returns once the client has it all."""
+        if response.status == 401:
+            response.close()
+            raise BackendRejectedCredential(f"backend {backend_name} rejected the gateway's credential")
+        headers = response_headers(response.headers, request_id)
+        is_sse = headers.get("Content-Type", "").startswith(_SSE)
+        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+        try:
+            await out.prepare(request)
+            async for chunk in response.content.iter_any():
+                await out.write(chunk)
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            response.close()
+            if is_sse:
+                await out.write(sse_error_event("backend_unavailable", "the backend stream ended abnormally"))
+                await out.write_eof()
+            elif request.transport is not None:
+                # A JSON body cut short must not look complete: end the connection instead of the message.
+                request.transport.abort()
+            return out
+        except BaseException:
+            response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
+            raise
+        response.release()
+        await out.write_eof()
+        return out

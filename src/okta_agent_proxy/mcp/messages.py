@@ -1,0 +1,57 @@
+"""Inspect a POSTed MCP message without I/O (DESIGN.md §2, step 4).
+
+The gateway reads the JSON-RPC envelope itself rather than trusting mirrored headers (`Mcp-Method`, `Mcp-Name`),
+as the 2026-07-28 transport asks of intermediaries that authorise. It forwards the original bytes untouched; the
+parsed view only feeds policy and the audit log. Anything valid JSON is forwarded — judging JSON-RPC validity is
+the backend's job — but a body that is not JSON gets the JSON-RPC parse error here (JSON-RPC 2.0 §5.1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from okta_agent_proxy.errors import MalformedJson
+
+MODERN_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+_NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+@dataclass(frozen=True, slots=True)
+class McpMessage:
+    kind: Literal["request", "notification", "response", "batch", "other"]
+    method: str | None = None
+    id: str | int | None = None
+    name: str | None = None  # tool or prompt name, or resource URI
+    protocol_version: str | None = None  # from params._meta (2026-07-28 and later)
+    arguments: Any = None
+
+
+def parse_message(body: bytes) -> McpMessage:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MalformedJson("Parse error: the request body is not valid JSON") from None
+    if isinstance(document, list):
+        return McpMessage("batch")
+    if not isinstance(document, dict):
+        return McpMessage("other")
+    method = document.get("method")
+    raw_id = document.get("id")
+    message_id = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    if not isinstance(method, str):
+        kind: Literal["response", "other"] = "response" if "result" in document or "error" in document else "other"
+        return McpMessage(kind, id=message_id)
+    params = document.get("params")
+    name = arguments = version = None
+    if isinstance(params, dict):
+        key = _NAMED_METHODS.get(method)
+        value = params.get(key) if key else None
+        name = value if isinstance(value, str) else None
+        arguments = params.get("arguments")
+        meta = params.get("_meta")
+        if isinstance(meta, dict) and isinstance(meta.get(MODERN_VERSION_KEY), str):
+            version = meta[MODERN_VERSION_KEY]
+    kind_: Literal["request", "notification"] = "request" if "id" in document else "notification"
+    return McpMessage(kind_, method, message_id, name, version, arguments)

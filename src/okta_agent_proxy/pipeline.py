@@ -1,0 +1,278 @@
+"""The request pipeline, in order, in one place (DESIGN.md §2).
+
+    edge → route → authenticate → identify agent → inspect → authorize → bind session → credential → forward
+
+Without `OKTA_ISSUER` there is no inbound identity (`inbound` is None): the authenticate, identify, authorize and
+session steps are skipped, and `serve` then listens on loopback only. Each step is a small function that reads
+what earlier steps wrote on the per-request `Exchange` and writes its own fields; every failure is a
+`GatewayError`, rendered by `error_response` — the one renderer — before the response starts. Once a response has
+started, the forwarder ends it (an SSE error event, or an aborted connection for a cut JSON body).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from okta_agent_proxy.errors import (
+    BackendRejectedCredential,
+    ForbiddenOrigin,
+    GatewayError,
+    InsufficientScope,
+    InternalError,
+    InvalidToken,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    MissingToken,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+)
+from okta_agent_proxy.inbound.agents import AgentDirectory, IdentifiedAgent
+from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
+from okta_agent_proxy.inbound.validator import OktaTokenValidator, Principal
+from okta_agent_proxy.mcp.forward import Forwarder, upstream_headers
+from okta_agent_proxy.mcp.messages import McpMessage, parse_message
+from okta_agent_proxy.mcp.sessions import SessionBindings, SessionOwner
+from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.outbound.base import CredentialProvider, CredentialRequest
+from okta_agent_proxy.policy.authz import authorize
+from okta_agent_proxy.routing import BackendRouter, Route
+from okta_agent_proxy.settings import Settings, normalize_origin
+
+log = get_logger(__name__)
+FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's state; each field has one writer (named in its comment)."""
+
+    request_id: str  # edge
+    route: Route | None = None  # route
+    token: str | None = field(default=None, repr=False)  # authenticate
+    principal: Principal | None = None  # authenticate
+    agent: IdentifiedAgent | None = None  # identify agent
+    agent_id: str | None = None  # identify agent
+    body: bytes | None = None  # inspect
+    message: McpMessage | None = None  # inspect
+    session_owner: SessionOwner | None = None  # bind session
+    credential_method: str | None = None  # credential
+    upstream_status: int | None = None  # forward
+    error: GatewayError | None = field(default=None, repr=False)  # any step
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    settings: Settings
+    router: BackendRouter
+    providers: dict[str, CredentialProvider]
+    forwarder: Forwarder
+    extra_headers: dict[str, frozenset[str]]  # per backend: lower-cased `forward_headers`
+    inbound: InboundIdentity | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        exchange = Exchange(request_id=_request_id(request))
+        try:
+            check_edge(request, self.settings)
+            route_request(request, exchange, self.router)
+            if self.inbound is not None:
+                await authenticate(request, exchange, self.inbound)
+                identify_agent(request, exchange, self.inbound)
+            await read_and_inspect(request, exchange, self.settings.MAX_BODY_BYTES)
+            if self.inbound is not None:
+                authorize_request(exchange)
+                check_session(request, exchange, self.inbound.sessions)
+            return await self.forward(request, exchange)
+        except GatewayError as error:
+            exchange.error = error
+            if self.inbound is not None:
+                add_challenge(error, self.settings.base_url, request.path)
+            return error_response(error, exchange.request_id)
+        except Exception:
+            # A bug, not a client's fault: log it (without the request's content) and answer 500 in our shape.
+            log.exception("unhandled_error", request_id=exchange.request_id, path=request.path[:200])
+            internal = InternalError("the gateway failed to handle this request")
+            exchange.error = internal
+            return error_response(internal, exchange.request_id)
+
+    async def forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        route = exchange.route
+        assert route is not None
+        provider = self.providers[route.name]
+        credential_request = CredentialRequest(backend=route.name, agent=exchange.agent_id)
+        credential = await provider.get(credential_request)
+        exchange.credential_method = provider.method
+        url = route.upstream_url(request.rel_url.raw_query_string)
+        headers = upstream_headers(
+            request.headers, self.extra_headers[route.name], credential.headers, exchange.request_id
+        )
+        response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
+        if response.status == 401 and credential.refreshable:
+            # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
+            response.close()
+            await provider.invalidate(credential_request)
+            credential = await provider.get(credential_request)
+            headers.update(credential.headers)
+            response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
+        exchange.upstream_status = response.status
+        if self.inbound is not None:
+            track_session(
+                request, response.status, response.headers.get("Mcp-Session-Id"), exchange, self.inbound.sessions
+            )
+        try:
+            return await self.forwarder.relay(request, response, route.name, exchange.request_id)
+        except BackendRejectedCredential as error:
+            error.agent_id = exchange.agent_id
+            raise
+
+
+@dataclass(frozen=True)
+class InboundIdentity:
+    validator: OktaTokenValidator
+    agents: AgentDirectory
+    sessions: SessionBindings
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token from `Authorization: Bearer` — the only place a token is read from (RFC 6750 §2.1)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise InvalidToken("the Authorization header must be 'Bearer <token>'")
+    return token
+
+
+async def authenticate(request: web.Request, exchange: Exchange, inbound: InboundIdentity) -> None:
+    token = bearer_token(request)
+    if token is None:
+        raise MissingToken("this resource needs an access token")
+    exchange.principal = await inbound.validator.validate(token)
+    exchange.token = token
+
+
+def identify_agent(request: web.Request, exchange: Exchange, inbound: InboundIdentity) -> None:
+    assert exchange.principal is not None
+    identified = inbound.agents.identify(exchange.principal, request.headers.get("X-Agent-ID"))
+    exchange.agent = identified
+    exchange.agent_id = identified.name
+
+
+def authorize_request(exchange: Exchange) -> None:
+    assert exchange.agent is not None and exchange.route is not None and exchange.principal is not None
+    method = exchange.message.method if exchange.message is not None else None
+    authorize(
+        exchange.agent.name,
+        exchange.agent.agent,
+        exchange.route.name,
+        exchange.route.backend,
+        exchange.principal.scopes,
+        method,
+    )
+
+
+def check_session(request: web.Request, exchange: Exchange, sessions: SessionBindings) -> None:
+    assert exchange.principal is not None and exchange.agent is not None
+    owner = SessionOwner(exchange.principal.issuer, exchange.principal.subject, exchange.agent.name)
+    exchange.session_owner = owner
+    session_id = request.headers.get("Mcp-Session-Id")
+    if session_id is not None:
+        sessions.check(session_id, owner)
+
+
+def track_session(
+    request: web.Request, status: int, issued: str | None, exchange: Exchange, sessions: SessionBindings
+) -> None:
+    """Bind a session id the backend issued; forget one that was deleted or that the backend no longer knows."""
+    presented = request.headers.get("Mcp-Session-Id")
+    if presented is not None and (status == 404 or (request.method == "DELETE" and 200 <= status < 300)):
+        sessions.drop(presented)
+    elif issued is not None and presented is None and exchange.session_owner is not None and status < 400:
+        sessions.bind(issued, exchange.session_owner)
+
+
+def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
+    """RFC 6750 §3 / RFC 9728 §5.1: a 401 or insufficient-scope 403 names the resource's metadata document."""
+    if isinstance(error, Unauthenticated):
+        error.headers["WWW-Authenticate"] = bearer_challenge(metadata_url(base_url, path), error=error.oauth_error)
+    elif isinstance(error, InsufficientScope):
+        error.headers["WWW-Authenticate"] = bearer_challenge(
+            metadata_url(base_url, path), error="insufficient_scope", scopes=error.scopes
+        )
+
+
+def _request_id(request: web.Request) -> str:
+    supplied = request.headers.get("X-Request-ID")
+    if supplied and _REQUEST_ID.match(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    host = host.lower()
+    if host in allowed:
+        return True
+    # An entry without a port accepts the host on any port: "localhost" accepts "localhost:8000".
+    name, sep, port = host.rpartition(":")
+    return bool(sep) and port.isdigit() and name in allowed
+
+
+def check_edge(request: web.Request, settings: Settings) -> None:
+    """DNS-rebinding protection, done here because backends no longer see the client's Host or Origin."""
+    if not host_allowed(request.headers.get("Host", ""), settings.allowed_hosts):
+        raise MisdirectedRequest("this gateway does not serve the requested host")
+    origin = request.headers.get("Origin")
+    if origin is not None and normalize_origin(origin) not in settings.allowed_origins:
+        raise ForbiddenOrigin("requests from this origin are not allowed")
+
+
+def route_request(request: web.Request, exchange: Exchange, router: BackendRouter) -> None:
+    path = request.raw_path.split("?", 1)[0]
+    segments = request.path.split("/")
+    route = None if ".." in segments or "." in segments else router.match(path)
+    if route is None:
+        raise NotFound(f"no backend serves {request.path[:200]}")
+    if request.method not in FORWARDED_METHODS:
+        raise MethodNotAllowed(
+            f"{request.method} is not supported on MCP routes", headers={"Allow": "GET, POST, DELETE"}
+        )
+    exchange.route = route
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or PayloadTooLarge as soon as it passes `limit` (never buffering more)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_and_inspect(request: web.Request, exchange: Exchange, limit: int) -> None:
+    if request.method != "POST":
+        return
+    body = await read_body(request, limit)
+    exchange.message = parse_message(body)
+    exchange.body = body
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    response = web.Response(
+        status=error.status, body=error.body_bytes(), content_type="application/json", headers=error.headers
+    )
+    response.headers["X-Request-ID"] = request_id
+    return response

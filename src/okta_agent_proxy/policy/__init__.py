@@ -1,0 +1,1 @@
+"""May they: authorization decisions as pure functions (pipeline step 5)."""

@@ -1,0 +1,36 @@
+"""May this agent, with this token, do this on this backend? (DESIGN.md §2, step 5) — pure functions, no I/O.
+
+Deny by default: the agent must be enabled and list the backend in `backend_access`; the caller's token must carry
+every scope the agent requires, every scope the backend requires, and the scopes configured for the called MCP
+method. A missing scope is reported with all the scopes the operation needs (the 2026-07-28 authorization rule:
+one challenge listing everything, so the client can ask for it all at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from okta_agent_proxy.config import Agent, Backend
+from okta_agent_proxy.errors import AuthorizationDenied, InsufficientScope
+
+
+def required_scopes(agent: Agent, backend: Backend, method: str | None) -> tuple[str, ...]:
+    """Every scope the operation needs, in a stable order without repeats."""
+    needed: dict[str, None] = {}
+    for scope in (*agent.scopes, *backend.required_scopes, *backend.method_scopes.get(method or "", ())):
+        needed[scope] = None
+    return tuple(needed)
+
+
+def authorize(
+    agent_name: str, agent: Agent, backend_name: str, backend: Backend, granted: Iterable[str], method: str | None
+) -> None:
+    """Return if allowed; raise AuthorizationDenied or InsufficientScope otherwise."""
+    if not agent.enabled:
+        raise AuthorizationDenied(f"agent {agent_name} is disabled", agent_id=agent_name)
+    if backend_name not in agent.backend_access:
+        raise AuthorizationDenied(f"Not authorized to access backend '{backend_name}'", agent_id=agent_name)
+    needed = required_scopes(agent, backend, method)
+    granted_set = frozenset(granted)
+    if any(scope not in granted_set for scope in needed):
+        raise InsufficientScope("the access token lacks a required scope", scopes=needed, agent_id=agent_name)

@@ -1,0 +1,124 @@
+"""Process settings: environment variables, with `.env` read first and the real environment winning.
+
+The names are the seed README's (`OKTA_DOMAIN`, `GATEWAY_PORT`, …) plus those in DESIGN.md §1. Everything a value
+implies (the list of allowed hosts, the accepted audiences, the async database driver) is derived here, once, so
+the rest of the code reads finished values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for the hosts on which plain http is tolerated for IdP and AS URLs (dev and tests): `localhost` and
+    loopback IP literals — never a DNS name that merely starts with "127."."""
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(origin: str) -> str:
+    """`scheme://host[:port]`, lower-cased, without a trailing slash or the scheme's default port (RFC 6454 §6.1:
+    browsers never send the default port)."""
+    parts = urlsplit(origin.strip().rstrip("/").lower())
+    if not parts.scheme or not parts.hostname:
+        return origin.strip().rstrip("/").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return origin.strip().rstrip("/").lower()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None or port == _DEFAULT_PORTS.get(parts.scheme):
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _split_csv(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+class Settings(BaseSettings):
+    """The gateway's environment. Field names are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, case_sensitive=True
+    )
+
+    OKTA_DOMAIN: str | None = Field(None, description="The Okta org, with or without scheme (none → https).")
+    OKTA_ISSUER: str | None = Field(None, description="Issuer of inbound access tokens (a custom AS).")
+    OKTA_AUDIENCE: str | None = Field(None, description="Comma-separated accepted `aud` values.")
+    OKTA_JWKS_URI: str | None = Field(None, description="JWKS URL; else from the issuer's metadata.")
+    OKTA_CLIENT_ID: str | None = Field(None, description="The gateway's own Okta app (reserved).")
+    OKTA_CLIENT_SECRET: SecretStr | None = Field(None, description="The gateway's own Okta app secret (reserved).")
+    GATEWAY_BASE_URL: str | None = Field(None, description="Public URL (default http://localhost:{port}).")
+    GATEWAY_HOST: str = Field("127.0.0.1", description="Bind address.")
+    GATEWAY_PORT: int = Field(8000, ge=0, le=65535, description="Listen port.")
+    ALLOWED_HOSTS: str | None = Field(None, description="Comma-separated `Host` values accepted; others → 421.")
+    ALLOWED_ORIGINS: str | None = Field(None, description="Comma-separated `Origin` values accepted; others → 403.")
+    MAX_BODY_BYTES: int = Field(4 * 1024 * 1024, gt=0, description="Request body limit; larger → 413.")
+    JWT_LEEWAY_SECONDS: int = Field(60, ge=0, le=600, description="Clock skew for exp/nbf/iat.")
+    AGENT_IDENTIFICATION: Literal["token", "header"] = Field("token", description="How the agent is identified.")
+    CONFIG_PATH: str = Field("config/config.yaml", description="The YAML of backends and agents.")
+    DATABASE_URL: str = Field("sqlite:///./data/okta-agent-proxy.db", description="Audit and config store.")
+    REDIS_URL: str | None = Field(None, description="Shared caches across replicas (optional).")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    LOG_FORMAT: Literal["json", "console"] = Field("json", description="Log format.")
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("GATEWAY_BASE_URL")
+    @classmethod
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value.rstrip("/")
+
+    @cached_property
+    def base_url(self) -> str:
+        return self.GATEWAY_BASE_URL or f"http://localhost:{self.GATEWAY_PORT}"
+
+    @cached_property
+    def allowed_hosts(self) -> frozenset[str]:
+        """`Host` header values accepted; an entry without a port matches any port."""
+        configured = _split_csv(self.ALLOWED_HOSTS)
+        if configured:
+            return frozenset(h.lower() for h in configured)
+        base_host = urlsplit(self.base_url).hostname or "localhost"
+        return frozenset({base_host.lower(), "localhost", "127.0.0.1", "[::1]"})
+
+    @cached_property
+    def allowed_origins(self) -> frozenset[str]:
+        configured = _split_csv(self.ALLOWED_ORIGINS)
+        if configured:
+            return frozenset(normalize_origin(o) for o in configured)
+        parts = urlsplit(self.base_url)
+        return frozenset({normalize_origin(f"{parts.scheme}://{parts.netloc}")})
+
+    @cached_property
+    def audiences(self) -> tuple[str, ...]:
+        return _split_csv(self.OKTA_AUDIENCE) or (self.base_url,)

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: subprocess servers, Node tools, the MCP conformance fixture."""
