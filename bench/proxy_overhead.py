@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -57,6 +58,7 @@ STARTUP_SECONDS = 20.0
 STOP_SECONDS = 15.0
 ISSUE_RATIO = 0.85
 ISSUE_ADDED_MS = 1.0
+NOISY_CORES = 0.2  # other work on the machine above this (in cores) makes a run's req/s unreliable
 
 # wrk's Lua: the request, then a `done` hook that prints the figures as one JSON line (latencies in microseconds).
 WRK_DONE = r"""
@@ -275,6 +277,76 @@ class Run:
     max_ms: float
     non_2xx: int
     socket_errors: dict[str, int]
+    cpu_us_per_request: float | None = None  # CPU time of the target's processes / requests served
+    busy_elsewhere_cores: float | None = None  # CPU used meanwhile by processes that are not part of the bench
+    steal_cores: float | None = None  # CPU the hypervisor gave to other guests
+
+
+# --- CPU accounting (Linux /proc; everything is None elsewhere) -------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process and its live descendants."""
+    ticks = 0
+    pending = [pid]
+    try:
+        while pending:
+            current = pending.pop()
+            try:
+                fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+                for task in Path(f"/proc/{current}/task").iterdir():
+                    pending += [int(child) for child in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                if current == pid:
+                    raise
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine since boot."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def own_cpu_seconds() -> float:
+    """This process and its reaped children (wrk runs to completion, so it is counted here)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class CpuMeter:
+    """Around one wrk run: the target's CPU per request, and how busy the rest of the machine was."""
+
+    def __init__(self, target_pid: int, our_pids: Sequence[int]) -> None:
+        self.target_pid = target_pid
+        self.our_pids = list(our_pids)
+
+    def sample(self) -> tuple[float | None, float | None, tuple[float, float] | None, float, float]:
+        ours = [tree_cpu_seconds(pid) for pid in self.our_pids]
+        known = None if any(x is None for x in ours) else sum(x for x in ours if x is not None)
+        return tree_cpu_seconds(self.target_pid), known, machine_cpu_seconds(), own_cpu_seconds(), time.monotonic()
+
+    @staticmethod
+    def apply(run: Run, before: Any, after: Any) -> None:
+        (t0, k0, m0, o0, w0), (t1, k1, m1, o1, w1) = before, after
+        if t0 is not None and t1 is not None and run.requests:
+            run.cpu_us_per_request = round((t1 - t0) / run.requests * 1e6, 1)
+        wall = w1 - w0
+        if k0 is not None and k1 is not None and m0 is not None and m1 is not None and wall > 0:
+            elsewhere = (m1[0] - m0[0]) - (k1 - k0) - (o1 - o0)
+            run.busy_elsewhere_cores = round(max(0.0, elsewhere) / wall, 2)
+            run.steal_cores = round((m1[1] - m0[1]) / wall, 2)
 
 
 class Wrk:
@@ -394,16 +466,28 @@ def ms(value: float) -> str:
     return f"{value:.2f} ms" if value < 100 else f"{value:.0f} ms"
 
 
+def optional(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_table(runs: Sequence[Run]) -> None:
-    header = f"{'target':<34} {'conns':>5} {'req/s':>9} {'p50':>10} {'p99':>10} {'non-2xx':>8} {'sock err':>8}"
+    header = (
+        f"{'target':<24} {'conns':>5} {'req/s':>8} {'p50':>9} {'p99':>9} {'non-2xx':>7} {'sockerr':>7} "
+        f"{'cpu us/req':>10} {'elsewhere':>9} {'steal':>5}"
+    )
     print(header)
     print("-" * len(header))
     for run in runs:
         errors = sum(run.socket_errors.values())
         print(
-            f"{run.target:<34} {run.connections:>5} {run.rps:>9.0f} {ms(run.p50_ms):>10} {ms(run.p99_ms):>10} "
-            f"{run.non_2xx:>8} {errors:>8}"
+            f"{run.target:<24} {run.connections:>5} {run.rps:>8.0f} {ms(run.p50_ms):>9} {ms(run.p99_ms):>9} "
+            f"{run.non_2xx:>7} {errors:>7} {optional(run.cpu_us_per_request, '.0f'):>10} "
+            f"{optional(run.busy_elsewhere_cores, '.2f'):>9} {optional(run.steal_cores, '.2f'):>5}"
         )
+    print(
+        "cpu us/req: CPU time of the target's processes per request served. elsewhere / steal: CPU cores busy "
+        "meanwhile\nwith processes outside this bench / taken by the hypervisor (both should be ~0 for clean figures)."
+    )
 
 
 def bench(options: Options) -> dict[str, Any]:
@@ -432,8 +516,11 @@ def bench(options: Options) -> dict[str, Any]:
         script.write_text(WRK_SCRIPT)
         wrk = Wrk(wrk_path, script, options.threads, load_pin)
 
-        def measure(target: str, url: str, connections: int, seconds: float) -> Run:
+        def measure(target: str, service: Service, url: str, connections: int, seconds: float) -> Run:
+            meter = CpuMeter(service.process.pid, [s.process.pid for s in started if s.process.poll() is None])
+            before = meter.sample()
             run = wrk.run(target, url, connections, seconds)
+            CpuMeter.apply(run, before, meter.sample())
             report_errors(run)
             runs.append(run)
             print(
@@ -506,39 +593,59 @@ def bench(options: Options) -> dict[str, Any]:
         c = options.connections
         print(f"\nthroughput: wrk -t{options.threads} -c{c} -d{options.duration:g}s, POST tools/list", flush=True)
         warm("nginx direct", nginx_url + "/mcp")
-        direct = measure("nginx direct", nginx_url + "/mcp", c, options.duration)
+        direct = measure("nginx direct", nginx, nginx_url + "/mcp", c, options.duration)
         warm("bare", bare_url)
         warm("gateway", gateway_url)
         pairs: list[tuple[Run, Run]] = []
         for i in range(1, options.pairs + 1):
-            bare_run = measure(f"bare #{i}", bare_url, c, options.duration)
-            gateway_run = measure(f"gateway #{i}", gateway_url, c, options.duration)
+            bare_run = measure(f"bare #{i}", bare, bare_url, c, options.duration)
+            gateway_run = measure(f"gateway #{i}", gateway, gateway_url, c, options.duration)
             pairs.append((bare_run, gateway_run))
 
         print(f"\nlatency: wrk -t1 -c1 -d{options.latency_duration:g}s", flush=True)
-        bare_c1 = measure("bare c=1", bare_url, 1, options.latency_duration)
-        gateway_c1 = measure("gateway c=1", gateway_url, 1, options.latency_duration)
+        bare_c1 = measure("bare c=1", bare, bare_url, 1, options.latency_duration)
+        gateway_c1 = measure("gateway c=1", gateway, gateway_url, 1, options.latency_duration)
 
         workers_run: Run | None = None
         if options.workers > 1:
             gateway.stop()  # its idle event loop would otherwise share the cores with the workers
             print(f"\nextra: gateway --workers {options.workers} (the bare proxy is one process)", flush=True)
-            _, workers_url = start_gateway(f"gateway-workers-{options.workers}", options.workers)
+            workers, workers_url = start_gateway(f"gateway-workers-{options.workers}", options.workers)
             target = f"gateway --workers {options.workers}"
             warm(target, workers_url)
-            workers_run = measure(target, workers_url, c, options.duration)
+            workers_run = measure(target, workers, workers_url, c, options.duration)
 
     ratios = [round(g.rps / b.rps, 3) for b, g in pairs]
     median_ratio = statistics.median(ratios)
     median_bare = statistics.median(b.rps for b, _ in pairs)
     added_ms = round(gateway_c1.p50_ms - bare_c1.p50_ms, 3)
+    # The same comparison by CPU cost: bare's CPU per request / the gateway's. Less sensitive than req/s to other
+    # work on the machine, since it does not count the time a process waits for a core.
+    cpu_ratios = [
+        round(b.cpu_us_per_request / g.cpu_us_per_request, 3)
+        for b, g in pairs
+        if b.cpu_us_per_request and g.cpu_us_per_request
+    ]
+    busy = [r.busy_elsewhere_cores for pair in pairs for r in pair if r.busy_elsewhere_cores is not None]
+    busy += [r.steal_cores for pair in pairs for r in pair if r.steal_cores is not None]
 
     print("\n== results (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ")")
     print_table(runs)
     print("\ngateway/bare req/s per pair: " + ", ".join(f"#{i} {r:.3f}" for i, r in enumerate(ratios, 1)))
     verdict = "met" if median_ratio >= ISSUE_RATIO else "NOT met"
     print(f"median ratio: {median_ratio:.3f}  (target >= {ISSUE_RATIO}: {verdict})")
-    print(f"bare / nginx direct: {median_bare / direct.rps:.3f}")
+    if cpu_ratios:
+        print(
+            "bare/gateway CPU per request per pair: "
+            + ", ".join(f"#{i} {r:.3f}" for i, r in enumerate(cpu_ratios, 1))
+            + f"; median {statistics.median(cpu_ratios):.3f}"
+        )
+    if busy and max(busy) > NOISY_CORES:
+        print(
+            f"warning: other work took up to {max(busy):.2f} cores during the pairs (see elsewhere/steal): req/s "
+            "figures are noisy; rerun on a quiet machine or with more --pairs"
+        )
+    print(f"bare / nginx direct req/s: {median_bare / direct.rps:.3f}")
     verdict = "met" if added_ms <= ISSUE_ADDED_MS else "NOT met"
     print(
         f"added median latency at c=1: {added_ms:+.3f} ms  (gateway p50 {gateway_c1.p50_ms:.3f} ms - bare p50 "
@@ -555,6 +662,8 @@ def bench(options: Options) -> dict[str, Any]:
         "runs": [asdict(run) for run in runs],
         "pair_ratios": ratios,
         "median_ratio": median_ratio,
+        "pair_cpu_ratios": cpu_ratios,
+        "median_cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
         "added_median_latency_ms_c1": added_ms,
         "targets": {
             "ratio_min": ISSUE_RATIO,

@@ -22,6 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from multidict import CIMultiDictProxy
 
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
 from okta_agent_proxy.devkit.okta_emulator_keys import AuthorizationServer, User
@@ -58,7 +59,7 @@ class Stack:
 
     async def post(
         self, path: str, token: str | None, body: Any = LIST, headers: dict[str, str] | None = None
-    ) -> tuple[int, dict[str, Any] | None, aiohttp.typedefs.LooseHeaders]:
+    ) -> tuple[int, dict[str, Any] | None, CIMultiDictProxy[str]]:
         sent = dict(ACCEPT)
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"

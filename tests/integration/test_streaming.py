@@ -152,11 +152,6 @@ async def test_a_post_stream_silent_for_longer_than_timeout_seconds_ends_with_an
     assert events[-1].json()["error"] in {"backend_timeout", "backend_unavailable"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mcp/forward.py Forwarder.relay reports a mid-stream timeout as backend_unavailable, "
-    "where DESIGN.md §1 names a timeout backend_timeout",
-)
 async def test_a_mid_stream_timeout_is_reported_as_backend_timeout() -> None:
     async with (
         running_backend() as backend,

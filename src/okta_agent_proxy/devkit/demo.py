@@ -1,8 +1,10 @@
-"""`okta-agent-proxy demo`: the whole product on loopback, with nothing to configure.
+"""`okta-agent-proxy demo`: the whole product on loopback, with nothing to configure and no Okta tenant.
 
-It starts the two sample MCP backends (`employees` behind a service account, `partners` behind a pre-shared key)
-as child processes, writes a config that references their secrets as `${ENV}` (fresh random values each run),
-runs the gateway in this process, and prints commands that work as printed. Ctrl-C stops everything.
+It starts the embedded Okta emulator (an org with a custom authorization server for the gateway, a user, and two
+agent apps), the two sample MCP backends as child processes (`employees` behind a service account, `partners`
+behind a pre-shared key), writes a config that references the backends' secrets as `${ENV}` (fresh random values
+each run), runs the gateway in this process against the emulator, and prints user tokens and commands that work
+as printed — one agent allowed, one denied. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ from pathlib import Path
 
 from okta_agent_proxy.app import run_until_stopped
 from okta_agent_proxy.config_loader import ConfigError, load
+from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
+from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
 
 DEMO_CONFIG = """\
 # Written by `okta-agent-proxy demo`. Secrets come from the environment of the demo process.
+agents:
+  cursor:
+    client_id: {cursor_id}
+    scopes: [mcp:read]
+    backend_access: [employees, partners]
+  claude-code:
+    client_id: {claude_id}
+    scopes: [mcp:read]
+    backend_access: [partners]
 backends:
   employees:
     url: http://127.0.0.1:{employees_port}/mcp
@@ -68,8 +81,17 @@ async def start_backend(name: str, port: int, env: dict[str, str]) -> asyncio.su
     return process
 
 
-def instructions(gateway: str) -> str:
+CURSOR = App("0oademocursor0000001", "Cursor")
+CLAUDE_CODE = App("0oademoclaude0000002", "Claude Code")
+USER = User("ada.lovelace@example.com", "00udemoada0lovelace1")
+AUTH_SERVER = "aus-gateway"
+TOKEN_LIFETIME = 8 * 3600
+
+
+def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str]) -> str:
     accept = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
+    cursor = '-H "Authorization: Bearer $CURSOR_TOKEN"'
+    claude = '-H "Authorization: Bearer $CLAUDE_TOKEN"'
     list_tools = shlex.quote('{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}')
     call = shlex.quote(
         '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_employee",'
@@ -83,14 +105,23 @@ def instructions(gateway: str) -> str:
 Okta Agent Proxy demo: the gateway is at {gateway}
   employees (service account)  {gateway}/employees   (also {gateway}/hr)
   partners  (pre-shared key)   {gateway}/partners
-The backends accept only the credential the gateway adds; your requests carry none.
+  Okta emulator                {idp.issuer(AUTH_SERVER)}  (the gateway's OKTA_ISSUER)
+Agents: cursor may reach employees and partners; claude-code only partners. The backends accept only the
+credential the gateway adds; your token never reaches them.
 
-Try, in another terminal:
-  curl -sN {gateway}/partners {accept} -d {list_tools}
-  curl -sN {gateway}/employees {accept} -d {call}
-  curl -sN {gateway}/hr {accept} -d {slow}      # progress events arrive one by one
-  curl -s  {gateway}/nowhere {accept} -d {list_tools}   # 404 with a JSON error body
-  curl -s  {gateway}/healthz
+User {USER.login}'s access tokens (valid {TOKEN_LIFETIME // 3600} h), one per agent app — paste into another terminal:
+  export CURSOR_TOKEN={tokens["cursor"]}
+  export CLAUDE_TOKEN={tokens["claude-code"]}
+
+Then try:
+  curl -sN {gateway}/partners {accept} {cursor} -d {list_tools}
+  curl -sN {gateway}/employees {accept} {cursor} -d {call}
+  curl -sN {gateway}/hr {accept} {cursor} -d {slow}      # progress events arrive one by one
+  curl -s  {gateway}/employees {accept} {claude} -d {list_tools}   # 403: claude-code may not reach employees
+  curl -si {gateway}/employees {accept} -d {list_tools}   # 401 with the discovery challenge
+  curl -s  {gateway}/.well-known/oauth-protected-resource/employees
+  npx -y @modelcontextprotocol/inspector@2.12.0 --cli {gateway}/partners --transport http --method tools/list \\
+      --header "Authorization: Bearer $CURSOR_TOKEN"   # needs Node 22
 
 Press Ctrl-C to stop.
 """
@@ -99,44 +130,62 @@ Press Ctrl-C to stop.
 async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="okta-agent-proxy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    gateway = f"http://localhost:{port}"
     secrets_env = {
         "DEMO_EMPLOYEES_PASSWORD": secrets.token_urlsafe(24),
         "DEMO_PARTNERS_KEY": secrets.token_urlsafe(24),
     }
     ports = {"employees_port": free_port(), "partners_port": free_port()}
     config_path = workdir / "config.yaml"
-    config_path.write_text(DEMO_CONFIG.format(**ports), encoding="utf-8")
-
-    processes = [
-        await start_backend(
-            "employees",
-            ports["employees_port"],
-            {"SAMPLE_BACKEND_BASIC": f"demo-service:{secrets_env['DEMO_EMPLOYEES_PASSWORD']}"},
-        ),
-        await start_backend(
-            "partners", ports["partners_port"], {"SAMPLE_BACKEND_API_KEY": secrets_env["DEMO_PARTNERS_KEY"]}
-        ),
-    ]
-    try:
-        gateway = f"http://localhost:{port}"
-        try:
-            loaded = load(
-                config_path,
-                environ={**os.environ, **secrets_env},
-                env_file=None,
-                overrides={"GATEWAY_PORT": port, "GATEWAY_BASE_URL": gateway, "GATEWAY_HOST": "127.0.0.1"},
+    config_path.write_text(
+        DEMO_CONFIG.format(**ports, cursor_id=CURSOR.client_id, claude_id=CLAUDE_CODE.client_id), encoding="utf-8"
+    )
+    server = AuthorizationServer(AUTH_SERVER, gateway, scopes=("mcp:read", "mcp:write"))
+    async with OktaEmulator(auth_servers=[server], users=[USER], apps=[CURSOR, CLAUDE_CODE]) as idp:
+        tokens = {
+            name: idp.mint_access_token(
+                AUTH_SERVER, user=USER, client_id=app.client_id, scopes=["mcp:read"], lifetime=TOKEN_LIFETIME
             )
-        except ConfigError as exc:  # pragma: no cover - the demo writes its own config
-            raise SystemExit("\n".join(str(p) for p in exc.problems)) from None
+            for name, app in (("cursor", CURSOR), ("claude-code", CLAUDE_CODE))
+        }
+        processes = [
+            await start_backend(
+                "employees",
+                ports["employees_port"],
+                {"SAMPLE_BACKEND_BASIC": f"demo-service:{secrets_env['DEMO_EMPLOYEES_PASSWORD']}"},
+            ),
+            await start_backend(
+                "partners", ports["partners_port"], {"SAMPLE_BACKEND_API_KEY": secrets_env["DEMO_PARTNERS_KEY"]}
+            ),
+        ]
         try:
-            await run_until_stopped(
-                loaded, "127.0.0.1", port, on_ready=lambda bound: print(instructions(gateway), flush=True)
-            )
-        except OSError as exc:
-            raise SystemExit(f"demo: cannot listen on port {port} ({exc.strerror}); try --port 8080") from None
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.terminate()
-        for process in processes:
-            await process.wait()
+            try:
+                loaded = load(
+                    config_path,
+                    environ={**os.environ, **secrets_env},
+                    env_file=None,
+                    overrides={
+                        "GATEWAY_PORT": port,
+                        "GATEWAY_BASE_URL": gateway,
+                        "GATEWAY_HOST": "127.0.0.1",
+                        "OKTA_DOMAIN": idp.base_url,
+                        "OKTA_ISSUER": idp.issuer(AUTH_SERVER),
+                    },
+                )
+            except ConfigError as exc:  # pragma: no cover - the demo writes its own config
+                raise SystemExit("\n".join(str(p) for p in exc.problems)) from None
+            try:
+                await run_until_stopped(
+                    loaded,
+                    "127.0.0.1",
+                    port,
+                    on_ready=lambda bound: print(instructions(gateway, idp, tokens), flush=True),
+                )
+            except OSError as exc:
+                raise SystemExit(f"demo: cannot listen on port {port} ({exc.strerror}); try --port 8080") from None
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.terminate()
+            for process in processes:
+                await process.wait()

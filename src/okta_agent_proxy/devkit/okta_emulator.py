@@ -37,6 +37,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal, Self, TextIO, get_args
 
 import structlog
@@ -45,6 +46,7 @@ from multidict import MultiDict
 
 from okta_agent_proxy.devkit.okta_emulator_keys import (
     OIDC_SCOPES,
+    ORG,
     App,
     AuthorizationServer,
     ClientAuthenticator,
@@ -54,7 +56,7 @@ from okta_agent_proxy.devkit.okta_emulator_keys import (
     OAuthError,
     TokenRequest,
     User,
-    index,
+    by_key,
     metadata_document,
     okta_error,
     okta_id,
@@ -63,6 +65,11 @@ from okta_agent_proxy.devkit.okta_emulator_keys import (
 
 __all__ = [
     "CLIENT_CREDENTIALS",
+    "DEMO_APP",
+    "DEMO_AUDIENCE",
+    "DEMO_AUTH_SERVER_ID",
+    "DEMO_SCOPES",
+    "DEMO_USER",
     "ORG",
     "App",
     "AuthorizationServer",
@@ -76,12 +83,12 @@ __all__ = [
     "run_emulator",
 ]
 
-ORG = "org"  # the id under which the org authorization server is addressed in this API
 CLIENT_CREDENTIALS = "client_credentials"
 LOOPBACK = "127.0.0.1"
 JwksMode = Literal["ok", "down", "slow", "garbage"]
 ServerKind = Literal["org", "custom"]
 Clock = Callable[[], float]
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only "slow" JWKS answers take long)
 
@@ -103,9 +110,9 @@ class OktaEmulator:
     ) -> None:
         """`issuer_assertion_audience` also accepts the issuer as a client assertion's `aud` (rfc7523bis);
         Okta accepts only the token endpoint URL. `jwks_delay_seconds` is how long "slow" JWKS answers wait."""
-        self._custom = index("authorization server id", {server.id: server for server in auth_servers}, auth_servers)
-        self._users = index("user login", {user.login: user for user in users}, users)
-        self._apps = index("app client_id", {app.client_id: app for app in apps}, apps)
+        self._custom = by_key(auth_servers, lambda server: server.id, "authorization server id")
+        self._users = by_key(users, lambda user: user.login, "user login")
+        self._apps = by_key(apps, lambda app: app.client_id, "app client_id")
         self._port = port
         self._path_inserted_metadata = path_inserted_metadata
         self._issuer_assertion_audience = issuer_assertion_audience
@@ -113,10 +120,8 @@ class OktaEmulator:
         # One logger per emulator, bound on first use: a test's structlog capture sees this instance's events.
         self._log = structlog.get_logger(__name__)
         self._clients = ClientAuthenticator(self._apps, clock)
-        self._grants: dict[ServerKind, dict[str, GrantHandler]] = {
-            "org": {},
-            "custom": {CLIENT_CREDENTIALS: self._client_credentials},
-        }
+        self._grants: dict[ServerKind, dict[str, GrantHandler]] = {"org": {}, "custom": {}}
+        self.register_grant(CLIENT_CREDENTIALS, self._client_credentials, kind="custom")
         self._keys: dict[str, KeyRing] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
@@ -276,27 +281,20 @@ class OktaEmulator:
         return self._keyring(auth_server_id).signing_key.sign({**claims, **(extra_claims or {})}, headers or {})
 
     def _user(self, user: User | str) -> User:
-        if isinstance(user, User):
-            return user
-        if user not in self._users:
-            raise KeyError(f"no configured user with login {user!r}")
-        return self._users[user]
+        return user if isinstance(user, User) else self._users[user]  # KeyError: no configured user with that login
 
     # ---- HTTP
 
     def _application(self) -> web.Application:
         app = web.Application()
-        routes = app.router
-        routes.add_get("/oauth2/v1/keys", self._handle_jwks)
-        routes.add_post("/oauth2/v1/token", self._handle_token)
-        routes.add_get("/.well-known/oauth-authorization-server", self._handle_oauth_metadata)
-        routes.add_get("/.well-known/openid-configuration", self._handle_oidc_metadata)
-        routes.add_get("/oauth2/{id}/v1/keys", self._handle_jwks)
-        routes.add_post("/oauth2/{id}/v1/token", self._handle_token)
-        routes.add_get("/oauth2/{id}/.well-known/oauth-authorization-server", self._handle_oauth_metadata)
-        routes.add_get("/oauth2/{id}/.well-known/openid-configuration", self._handle_oidc_metadata)
+        oauth, oidc = partial(self._handle_metadata, oidc=False), partial(self._handle_metadata, oidc=True)
+        for endpoints, issuer in (("/oauth2", ""), ("/oauth2/{id}", "/oauth2/{id}")):  # org, custom servers
+            app.router.add_get(f"{endpoints}/v1/keys", self._handle_jwks)
+            app.router.add_post(f"{endpoints}/v1/token", self._handle_token)
+            app.router.add_get(f"{issuer}/.well-known/oauth-authorization-server", oauth)
+            app.router.add_get(f"{issuer}/.well-known/openid-configuration", oidc)
         if self._path_inserted_metadata:  # RFC 8414 §3.1; real Okta does not serve it
-            routes.add_get("/.well-known/oauth-authorization-server/oauth2/{id}", self._handle_oauth_metadata)
+            app.router.add_get("/.well-known/oauth-authorization-server/oauth2/{id}", oauth)
         return app
 
     def _server_id(self, request: web.Request) -> str:
@@ -304,7 +302,8 @@ class OktaEmulator:
         if server_id is None:
             return ORG
         if server_id not in self._custom:
-            raise web.HTTPNotFound(text=okta_error("E0000007", f"Not found: {server_id} (AuthorizationServer)"))
+            body = okta_error("E0000007", f"Not found: {server_id} (AuthorizationServer)")
+            raise web.HTTPNotFound(text=body, content_type="application/json")
         return server_id
 
     async def _handle_jwks(self, request: web.Request) -> web.Response:
@@ -319,21 +318,17 @@ class OktaEmulator:
             await asyncio.sleep(self._jwks_delay_seconds)
         return web.json_response(self._keyring(server_id).jwks())
 
-    async def _handle_oauth_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(self._metadata(self._server_id(request), oidc=False))
-
-    async def _handle_oidc_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(self._metadata(self._server_id(request), oidc=True))
-
-    def _metadata(self, server_id: str, *, oidc: bool) -> dict[str, Any]:
+    async def _handle_metadata(self, request: web.Request, *, oidc: bool) -> web.Response:
+        server_id = self._server_id(request)
         # grant_types_supported is exactly what this server's /v1/token serves.
-        return metadata_document(
+        document = metadata_document(
             issuer=self.issuer(server_id),
             endpoints=self._endpoints(server_id),
-            grant_types=list(self._grants["org" if server_id == ORG else "custom"]),
+            grant_types=list(self._grants[_kind(server_id)]),
             scopes=OIDC_SCOPES if server_id == ORG else self._custom[server_id].scopes,
             oidc=oidc,
         )
+        return web.json_response(document)
 
     async def _handle_token(self, request: web.Request) -> web.Response:
         server_id = self._server_id(request)
@@ -345,7 +340,7 @@ class OktaEmulator:
             grant_type = single(form, "grant_type")
             if grant_type is None:
                 raise OAuthError("invalid_request", "The 'grant_type' parameter is required.")
-            handler = self._grants["org" if server_id == ORG else "custom"].get(grant_type)
+            handler = self._grants[_kind(server_id)].get(grant_type)
             if handler is None:
                 raise OAuthError("unsupported_grant_type", "The grant type is not supported by this server.")
             audiences = {self.token_endpoint(server_id)}
@@ -366,6 +361,10 @@ class OktaEmulator:
         scopes = server.grantable_scopes(request.param("scope"))
         token = self.mint_access_token(server.id, user=None, client_id=request.client.client_id, scopes=scopes)
         return {"token_type": "Bearer", "expires_in": 3600, "access_token": token, "scope": " ".join(scopes)}
+
+
+def _kind(auth_server_id: str) -> ServerKind:
+    return "org" if auth_server_id == ORG else "custom"
 
 
 # ---- the standalone demo IdP
@@ -390,33 +389,27 @@ async def run_emulator(
     The org has one custom authorization server, `aus-gateway`, for the gateway at `audience`, one user and one
     app (`Cursor`); the printed token is that user's, through that app, with `mcp:read mcp:write`."""
     server = AuthorizationServer(DEMO_AUTH_SERVER_ID, audience, scopes=DEMO_SCOPES)
-    idp = OktaEmulator(auth_servers=[server], users=[DEMO_USER], apps=[DEMO_APP], port=port)
-    async with idp:
+    async with OktaEmulator(auth_servers=[server], users=[DEMO_USER], apps=[DEMO_APP], port=port) as idp:
         token = idp.mint_access_token(
             server.id, user=DEMO_USER, client_id=DEMO_APP.client_id, scopes=DEMO_SCOPES, lifetime=token_lifetime
         )
         issuer = idp.issuer(server.id)
         print(
-            f"Okta emulator (an Okta-shaped IdP for development) at {idp.base_url}\n"
-            f"  org authorization server   issuer {idp.issuer(ORG)}\n"
-            f"  custom authorization server {server.id}\n"
-            f"    issuer    {issuer}\n"
-            f"    audience  {audience}\n"
-            f"    JWKS URI  {idp.jwks_uri(server.id)}\n"
-            f"    metadata  {issuer}/.well-known/oauth-authorization-server\n\n"
-            f"Gateway settings:\n  OKTA_DOMAIN={idp.base_url}\n  OKTA_ISSUER={issuer}\n  OKTA_AUDIENCE={audience}\n"
-            f"  OKTA_JWKS_URI={idp.jwks_uri(server.id)}\n\n"
+            f"Okta emulator (an Okta-shaped IdP for development) at {idp.base_url}, the org issuer.\n"
+            f"Custom authorization server {server.id}, as the gateway's settings:\n"
+            f"  OKTA_DOMAIN={idp.base_url}\n  OKTA_ISSUER={issuer}\n  OKTA_AUDIENCE={audience}\n"
+            f"  OKTA_JWKS_URI={idp.jwks_uri(server.id)}\n"
+            f"Its metadata (path-appended, as on Okta): {issuer}/.well-known/oauth-authorization-server\n\n"
             f"Access token for {DEMO_USER.login} through app {DEMO_APP.name} (cid {DEMO_APP.client_id}), "
             f"scopes {' '.join(DEMO_SCOPES)}, valid {token_lifetime} s:\n{token}\n\nPress Ctrl-C to stop.",
             file=out or sys.stdout,
             flush=True,
         )
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        stop, loop = stop or asyncio.Event(), asyncio.get_running_loop()
+        for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         try:
             await stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOP_SIGNALS:
                 loop.remove_signal_handler(sig)

@@ -1,20 +1,17 @@
-"""The Okta emulator's vocabulary, keys and client authentication (the HTTP side is `okta_emulator.py`).
+"""The Okta emulator's directory, token-endpoint vocabulary, keys and client authentication (HTTP: `okta_emulator.py`).
 
-- The org's directory: `User`, `App` (OAuth clients and AI agents), `AuthorizationServer` (custom servers), and the
-  token-endpoint extension point (`TokenRequest`, `GrantHandler`, `OAuthError`: RFC 6749 §5.2 errors).
-- `KeyRing`: the keys of one authorization server. One RSA 2048 key signs; the JWKS publishes it and any older key
-  kept through a rotation. Every `kid` is the RFC 7638 thumbprint of its public key (Okta's are opaque and stable):
-  a new key always gets a new `kid`, so a cached JWKS can never hold a different key under the same `kid`.
-- `ClientAuthenticator`: token-endpoint client authentication (RFC 6749 §2.3.1 `client_secret_basic` and
-  `client_secret_post`; RFC 7523 §2.2 / OIDC Core §9 `private_key_jwt`) with Okta's rules for the client assertion:
-  `iss` = `sub` = client_id, `aud` = the full token endpoint URL (optionally also the issuer, rfc7523bis), `exp` at
-  most one hour ahead, `iat` not in the future, the signature checked against the app's registered public JWK (its
-  `kid` and `alg` must match when the JWK names them), and a `jti` used once. Okta treats `jti` as optional; the
-  emulator requires it, because the gateway must always send a fresh one (PROTOCOL.md §2.5).
-- `metadata_document`: RFC 8414 / OpenID Connect Discovery documents.
+- Directory: `User`, `App` (OAuth clients and AI agents), `AuthorizationServer` (custom servers). Token endpoint:
+  `TokenRequest` and `GrantHandler` (the extension point), `OAuthError` (RFC 6749 §5.2), RFC 8414 metadata.
+- `KeyRing`: one authorization server's keys; the newest RSA 2048 key signs, older ones stay published if kept.
+  A `kid` is the RFC 7638 thumbprint (Okta's are opaque and stable), so a new key always has a new `kid`.
+- `ClientAuthenticator`: RFC 6749 §2.3.1 `client_secret_basic` / `client_secret_post` and RFC 7523 `private_key_jwt`
+  with Okta's assertion rules (PROTOCOL.md §2.5): `iss` = `sub` = client_id; `aud` = the token endpoint URL (or the
+  issuer, when enabled: rfc7523bis); `exp` at most 1 h ahead; `iat` not in the future; signed by the app's public
+  JWK (matching `kid` and `alg` when the JWK names them); `jti` single use. Okta treats `jti` as optional; the
+  emulator requires it, since the gateway must always send a fresh one.
 
-This module is deliberately independent of `okta_agent_proxy.keys` and the gateway's validator: the emulator is the
-oracle the gateway's code is tested against, so it must not share that code's mistakes.
+Deliberately independent of `okta_agent_proxy.keys` and the gateway's validator: the emulator is the oracle the
+gateway is tested against, so it must not share that code's mistakes.
 """
 
 from __future__ import annotations
@@ -36,13 +33,13 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-from jwt.types import Options
 from multidict import MultiMapping
 
 __all__ = [
     "ASSERTION_ALGORITHMS",
     "CLIENT_ASSERTION_TYPE",
     "OIDC_SCOPES",
+    "ORG",
     "App",
     "AuthorizationServer",
     "ClientAuthenticator",
@@ -52,7 +49,7 @@ __all__ = [
     "OAuthError",
     "TokenRequest",
     "User",
-    "index",
+    "by_key",
     "jwk_thumbprint",
     "metadata_document",
     "okta_error",
@@ -72,33 +69,164 @@ ASSERTION_ALGORITHMS: Mapping[str, tuple[str, ...]] = {
     "EC/P-521": ("ES512",),
 }
 MAX_ASSERTION_LIFETIME_SECONDS = 3600
+ORG = "org"  # the id under which the org authorization server is addressed in the emulator's API
 OIDC_SCOPES = ("openid", "profile", "email", "address", "phone", "offline_access", "groups")
 _ID_ALPHABET = string.ascii_letters + string.digits
 _SERVER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CLOCK_SKEW_SECONDS = 60
-# PyJWT checks only the signature; times and audience are checked against the emulator's injectable clock.
-_SIGNATURE_ONLY: Options = {
-    "enforce_minimum_key_length": True,
-    "verify_aud": False,
-    "verify_exp": False,
-    "verify_iat": False,
-    "verify_nbf": False,
-    "verify_iss": False,
-    "verify_sub": False,
-    "verify_jti": False,
-}
+# Checks only the signature: claims are checked against the emulator's injectable clock.
+_SIGNATURE_CHECK = jwt.PyJWS(options={"enforce_minimum_key_length": True})
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
 
+# ---- the directory: users, apps, custom authorization servers
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+def okta_id(prefix: str) -> str:
+    """An Okta-style object id: a type prefix (`00u` user, `0oa` app, `00o` org) and 17 random characters."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(17))
+
+
+@dataclass(frozen=True)
+class User:
+    """An Okta user: `login` becomes the access token's `sub`, `uid` its `uid` (and the ID token's `sub`)."""
+
+    login: str
+    uid: str = field(default_factory=lambda: okta_id("00u"))
+
+
+@dataclass(frozen=True)
+class App:
+    """An OAuth client registered with the org (an OIDC app, a service app, or an AI agent's `wlp…` principal).
+
+    `client_secret` enables `client_secret_basic`/`client_secret_post`; `public_jwk` enables `private_key_jwt`.
+    An app with neither is a public client: tokens can be minted for it, but it cannot authenticate at /v1/token.
+    """
+
+    client_id: str
+    name: str
+    client_secret: str | None = field(default=None, repr=False)
+    public_jwk: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.public_jwk is not None and any(k in self.public_jwk for k in ("d", "p", "q", "k")):
+            raise ValueError(f"app {self.client_id}: public_jwk holds private key material")
+
+
+@dataclass(frozen=True)
+class AuthorizationServer:
+    """A custom authorization server `/oauth2/{id}`: its default `aud` and its scopes (empty: any custom scope)."""
+
+    id: str
+    audience: str
+    scopes: tuple[str, ...] = ()
+    default_scopes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.id in (ORG, "v1") or not _SERVER_ID.fullmatch(self.id):
+            raise ValueError(f"invalid custom authorization server id {self.id!r}")
+
+    def grantable_scopes(self, requested: str | None) -> list[str]:
+        """The scopes of a client_credentials grant: as requested, else the defaults; OIDC scopes are refused."""
+        scopes = (requested or "").split() or list(self.default_scopes)
+        if not scopes:
+            raise OAuthError("invalid_scope", "No default scopes are configured; 'scope' must be provided.")
+        if any(scope in OIDC_SCOPES or (self.scopes and scope not in self.scopes) for scope in scopes):
+            raise OAuthError("invalid_scope", "One or more scopes are not configured for the authorization server.")
+        return scopes
+
+
+def by_key(items: Sequence[_T], key: Callable[[_T], str], what: str) -> dict[str, _T]:
+    """`items` by their key; two items with one key are a configuration error."""
+    indexed = {key(item): item for item in items}
+    if len(indexed) != len(items):
+        raise ValueError(f"duplicate {what}")
+    return indexed
+
+
+# ---- the token endpoint's vocabulary and documents
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error: rendered as JSON with `no-store`; 401 for `invalid_client`."""
+
+    def __init__(self, error: str, description: str, *, status: int | None = None, basic_challenge: bool = False):
+        super().__init__(f"{error}: {description}")
+        self.error = error
+        self.description = description
+        self.status = status if status is not None else (401 if error == "invalid_client" else 400)
+        self.basic_challenge = basic_challenge
+
+    def response(self) -> web.Response:
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        if self.basic_challenge:  # RFC 6749 §5.2: a client that tried Basic gets a Basic challenge
+            headers["WWW-Authenticate"] = 'Basic realm="okta-emulator"'
+        body = {"error": self.error, "error_description": self.description}
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+def single(form: MultiMapping[str], name: str) -> str | None:
+    """A parameter that may appear at most once (RFC 6749 §3.2); `None` when absent or empty."""
+    values = form.getall(name, [])
+    if len(values) > 1:
+        raise OAuthError("invalid_request", f"The '{name}' parameter must not be repeated.")
+    return (values[0] or None) if values else None
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A client-authenticated request at a `/v1/token` endpoint, handed to the `GrantHandler` of its grant type."""
+
+    auth_server_id: str
+    client: App
+    form: MultiMapping[str]
+
+    def param(self, name: str) -> str | None:
+        """A single-valued form parameter; repeating it is `invalid_request` (RFC 6749 §3.2)."""
+        return single(self.form, name)
+
+
+# Returns the successful token response body; raises OAuthError to refuse.
+GrantHandler = Callable[[TokenRequest], Awaitable[dict[str, Any]]]
+
+
+def metadata_document(
+    *, issuer: str, endpoints: str, grant_types: Sequence[str], scopes: Sequence[str], oidc: bool
+) -> dict[str, Any]:
+    """RFC 8414 metadata (or OpenID Connect Discovery when `oidc`) for endpoints under `endpoints` (`…/v1/…`).
+
+    `authorization_endpoint` is advertised as Okta does (clients' metadata models require it) but not served."""
+    document: dict[str, Any] = {
+        "issuer": issuer,
+        "authorization_endpoint": f"{endpoints}/v1/authorize",
+        "token_endpoint": f"{endpoints}/v1/token",
+        "jwks_uri": f"{endpoints}/v1/keys",
+        "response_types_supported": ["code"],
+        "grant_types_supported": sorted(grant_types),
+        "scopes_supported": list(scopes),
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": sorted(
+            {a for algs in ASSERTION_ALGORITHMS.values() for a in algs}
+        ),
+        "code_challenge_methods_supported": ["S256"],
+    }
+    if oidc:
+        document |= {"subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"]}
+    return document
+
+
+def okta_error(code: str, summary: str) -> str:
+    """The JSON body of an Okta API error (not an OAuth error): `errorCode`, `errorSummary`, ..."""
+    return json.dumps({"errorCode": code, "errorSummary": summary, "errorLink": code, "errorCauses": []})
+
+
+# ---- keys
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint of a public JWK: its required members, sorted, without whitespace."""
     members = _THUMBPRINT_MEMBERS[str(jwk["kty"])]
     canonical = json.dumps({name: jwk[name] for name in members}, separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
 @dataclass(frozen=True)
@@ -161,105 +289,11 @@ class KeyRing:
         return {"keys": [key.public_jwk() for key in self._keys]}
 
 
-@dataclass(frozen=True)
-class App:
-    """An OAuth client registered with the org (an OIDC app, a service app, or an AI agent's `wlp…` principal).
-
-    `client_secret` enables `client_secret_basic`/`client_secret_post`; `public_jwk` enables `private_key_jwt`.
-    An app with neither is a public client: tokens can be minted for it, but it cannot authenticate at /v1/token.
-    """
-
-    client_id: str
-    name: str
-    client_secret: str | None = field(default=None, repr=False)
-    public_jwk: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.public_jwk is not None and any(k in self.public_jwk for k in ("d", "p", "q", "k")):
-            raise ValueError(f"app {self.client_id}: public_jwk holds private key material")
-
-
-class OAuthError(Exception):
-    """An RFC 6749 §5.2 error: rendered as JSON with `no-store`; 401 for `invalid_client`."""
-
-    def __init__(self, error: str, description: str, *, status: int | None = None, basic_challenge: bool = False):
-        super().__init__(f"{error}: {description}")
-        self.error = error
-        self.description = description
-        self.status = status if status is not None else (401 if error == "invalid_client" else 400)
-        self.basic_challenge = basic_challenge
-
-    def response(self) -> web.Response:
-        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-        if self.basic_challenge:  # RFC 6749 §5.2: a client that tried Basic gets a Basic challenge
-            headers["WWW-Authenticate"] = 'Basic realm="okta-emulator"'
-        body = {"error": self.error, "error_description": self.description}
-        return web.json_response(body, status=self.status, headers=headers)
-
-
-def single(form: MultiMapping[str], name: str) -> str | None:
-    """A parameter that may appear at most once (RFC 6749 §3.2); `None` when absent or empty."""
-    values = form.getall(name, [])
-    if len(values) > 1:
-        raise OAuthError("invalid_request", f"The '{name}' parameter must not be repeated.")
-    return (values[0] or None) if values else None
+# ---- client authentication
 
 
 def _invalid_client(description: str, *, basic: bool = False) -> OAuthError:
     return OAuthError("invalid_client", description, basic_challenge=basic)
-
-
-def okta_id(prefix: str) -> str:
-    """An Okta-style object id: a type prefix (`00u` user, `0oa` app, `00o` org) and 17 random characters."""
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(17))
-
-
-@dataclass(frozen=True)
-class User:
-    """An Okta user: `login` becomes the access token's `sub`, `uid` its `uid` (and the ID token's `sub`)."""
-
-    login: str
-    uid: str = field(default_factory=lambda: okta_id("00u"))
-
-
-@dataclass(frozen=True)
-class AuthorizationServer:
-    """A custom authorization server `/oauth2/{id}`: its default `aud` and its scopes (empty: any custom scope)."""
-
-    id: str
-    audience: str
-    scopes: tuple[str, ...] = ()
-    default_scopes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.id in ("org", "v1") or not _SERVER_ID.fullmatch(self.id):
-            raise ValueError(f"invalid custom authorization server id {self.id!r}")
-
-    def grantable_scopes(self, requested: str | None) -> list[str]:
-        """The scopes of a client_credentials grant: as requested, else the defaults; OIDC scopes are refused."""
-        scopes = (requested or "").split() or list(self.default_scopes)
-        if not scopes:
-            raise OAuthError("invalid_scope", "No default scopes are configured; 'scope' must be provided.")
-        if any(scope in OIDC_SCOPES or (self.scopes and scope not in self.scopes) for scope in scopes):
-            raise OAuthError("invalid_scope", "One or more scopes are not configured for the authorization server.")
-        return scopes
-
-
-@dataclass(frozen=True)
-class TokenRequest:
-    """A client-authenticated request at a `/v1/token` endpoint, handed to the `GrantHandler` of its grant type."""
-
-    auth_server_id: str
-    client: App
-    form: MultiMapping[str]
-
-    def param(self, name: str) -> str | None:
-        """A single-valued form parameter; repeating it is `invalid_request` (RFC 6749 §3.2)."""
-        return single(self.form, name)
-
-
-# Returns the successful token response body; raises OAuthError to refuse.
-GrantHandler = Callable[[TokenRequest], Awaitable[dict[str, Any]]]
 
 
 class ClientAuthenticator:
@@ -338,11 +372,10 @@ class ClientAuthenticator:
         if algorithm not in ASSERTION_ALGORITHMS.get(family, ()) or jwk.get("alg", algorithm) != algorithm:
             raise _invalid_client("The client_assertion signature algorithm is not allowed for the client's key.")
         try:
-            key = jwt.PyJWK(dict(jwk), algorithm=str(algorithm)).key
-            claims: dict[str, Any] = jwt.decode(assertion, key, algorithms=[str(algorithm)], options=_SIGNATURE_ONLY)
+            _SIGNATURE_CHECK.decode(assertion, jwt.PyJWK(dict(jwk), algorithm=str(algorithm)), [str(algorithm)])
         except jwt.PyJWTError:
             raise _invalid_client("The client_assertion signature is invalid.") from None
-        self._check_assertion_claims(client_id, claims, audiences)
+        self._check_assertion_claims(client_id, unverified, audiences)
         return app
 
     def _check_assertion_claims(self, client_id: str, claims: Mapping[str, Any], audiences: Collection[str]) -> None:
@@ -370,40 +403,3 @@ class ClientAuthenticator:
         if (client_id, jti) in self._used_jtis:
             raise _invalid_client("The client_assertion jti has already been used.")
         self._used_jtis[(client_id, jti)] = float(exp)
-
-
-def metadata_document(
-    *, issuer: str, endpoints: str, grant_types: Sequence[str], scopes: Sequence[str], oidc: bool
-) -> dict[str, Any]:
-    """RFC 8414 metadata (or OpenID Connect Discovery when `oidc`) for endpoints under `endpoints` (`…/v1/…`).
-
-    `authorization_endpoint` is advertised as Okta does (clients' metadata models require it) but not served."""
-    document: dict[str, Any] = {
-        "issuer": issuer,
-        "authorization_endpoint": f"{endpoints}/v1/authorize",
-        "token_endpoint": f"{endpoints}/v1/token",
-        "jwks_uri": f"{endpoints}/v1/keys",
-        "response_types_supported": ["code"],
-        "grant_types_supported": sorted(grant_types),
-        "scopes_supported": list(scopes),
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
-        "token_endpoint_auth_signing_alg_values_supported": sorted(
-            {a for algs in ASSERTION_ALGORITHMS.values() for a in algs}
-        ),
-        "code_challenge_methods_supported": ["S256"],
-    }
-    if oidc:
-        document |= {"subject_types_supported": ["public"], "id_token_signing_alg_values_supported": ["RS256"]}
-    return document
-
-
-def okta_error(code: str, summary: str) -> str:
-    """The JSON body of an Okta API error (not an OAuth error): `errorCode`, `errorSummary`, ..."""
-    return json.dumps({"errorCode": code, "errorSummary": summary, "errorLink": code, "errorCauses": []})
-
-
-def index(what: str, by_key: Mapping[str, _T], items: Sequence[_T]) -> dict[str, _T]:
-    """`by_key` as a dict, after checking that no two `items` shared a key."""
-    if len(by_key) != len(items):
-        raise ValueError(f"duplicate {what}")
-    return dict(by_key)

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Mapping
 
 import aiohttp
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -143,8 +144,14 @@ class Forwarder:
         )
         try:
             async with asyncio.timeout(backend.timeout_seconds if idle_stream else None):
+                # encoded=True: the path and query go upstream byte for byte, as the client sent them.
                 response = await self._pool.session(backend_name).request(
-                    method, url, headers=headers, data=body, timeout=timeout, allow_redirects=False
+                    method,
+                    yarl.URL(url, encoded=True),
+                    headers=headers,
+                    data=body,
+                    timeout=timeout,
+                    allow_redirects=False,
                 )
         except TimeoutError:
             raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
@@ -166,10 +173,14 @@ class Forwarder:
             await out.prepare(request)
             async for chunk in response.content.iter_any():
                 await out.write(chunk)
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             response.close()
             if is_sse:
-                await out.write(sse_error_event("backend_unavailable", "the backend stream ended abnormally"))
+                if isinstance(exc, TimeoutError):
+                    event = sse_error_event("backend_timeout", "the backend stopped sending within its timeout")
+                else:
+                    event = sse_error_event("backend_unavailable", "the backend stream ended abnormally")
+                await out.write(event)
                 await out.write_eof()
             elif request.transport is not None:
                 # A JSON body cut short must not look complete: end the connection instead of the message.

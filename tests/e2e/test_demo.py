@@ -1,0 +1,83 @@
+"""`okta-agent-proxy demo` as a user runs it: the commands it prints work exactly as printed.
+
+The demo is started as a subprocess; the `export` lines and commands are taken from its own output and run with
+bash, so the test fails if the printed text drifts from what the gateway does.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.node_tools import env_with_node22, require_node_tool, services_required
+from tests.support.processes import ServerProcess, start_server
+
+pytestmark = pytest.mark.slow
+OKTA_AGENT_PROXY = Path(sys.executable).with_name("okta-agent-proxy")
+
+
+@dataclass(frozen=True)
+class Demo:
+    process: ServerProcess
+    exports: str
+    commands: list[str]
+    inspector: str
+
+    def run(self, command: str, env: dict[str, str] | None = None) -> str:
+        result = subprocess.run(
+            ["bash", "-c", f"{self.exports}\n{command}"], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Demo]:
+    if shutil.which("curl") is None:
+        if services_required():
+            pytest.fail("curl is needed to run the demo's printed commands")
+        pytest.skip("curl is not installed")
+    with start_server(
+        lambda port: [str(OKTA_AGENT_PROXY), "demo", "--port", str(port)], http_path="/healthz", name="demo"
+    ) as process:
+        deadline = time.monotonic() + 30
+        while "Press Ctrl-C" not in process.output() and time.monotonic() < deadline:
+            assert process.alive(), process.describe()
+            time.sleep(0.05)
+        text = process.output()
+        assert "Press Ctrl-C" in text, process.describe()
+        exports = "\n".join(line.strip() for line in text.splitlines() if line.strip().startswith("export "))
+        commands = [
+            re.sub(r"\s+#.*$", "", line.strip()) for line in text.splitlines() if line.strip().startswith("curl ")
+        ]
+        inspector_start = text.index("npx -y @modelcontextprotocol/inspector")
+        inspector = re.sub(r"\s+#.*$", "", " ".join(text[inspector_start:].split("\n", 2)[:2]).replace("\\", " "))
+        yield Demo(process, exports, commands, inspector)
+
+
+def test_printed_curl_commands_work(demo: Demo) -> None:
+    outputs = [demo.run(command) for command in demo.commands]
+    assert len(outputs) == 6
+    partners, employee, slow, denied, challenge, metadata = outputs
+    assert "list_partners" in partners
+    assert "Grace Hopper" in employee
+    assert slow.count("notifications/progress") == 5 and "report ready" in slow
+    assert '"error":"authorization_denied"' in denied and '"agent_id":"claude-code"' in denied
+    assert challenge.startswith("HTTP/1.1 401") and 'resource_metadata="' in challenge
+    assert '"authorization_servers"' in metadata
+
+
+@pytest.mark.node
+def test_printed_inspector_command_works(demo: Demo) -> None:
+    inspector = require_node_tool("mcp-inspector")
+    command = demo.inspector.replace("npx -y @modelcontextprotocol/inspector@2.12.0", str(inspector))
+    output = demo.run(command, env=env_with_node22())
+    assert "list_partners" in output
