@@ -5,12 +5,20 @@ Targets, all on 127.0.0.1 and all in front of the same fixed-JSON backend (nginx
 - nginx direct: the backend alone, the ceiling;
 - bare: `bench/bare_proxy.py`, ~30 lines of aiohttp on uvloop (read body, forward with one pooled session,
   stream the answer back), one process;
-- gateway: `okta-agent-proxy serve` with a pre-shared-key backend (no inbound auth yet), one process;
-- gateway --workers N (optional extra line): N processes on one port, against the one-process bare proxy.
+- gateway: `okta-agent-proxy serve` with a pre-shared-key backend and no `OKTA_ISSUER` (so no inbound token
+  validation), one process;
+- gateway --workers N (extra line, default N=2; `--workers 0` skips it): N processes on one port, compared with the
+  one-process bare proxy.
 
 Load comes from wrk (POST, MCP `tools/list` body, a Lua `done` hook printing the numbers). Bare and gateway are
 measured as interleaved pairs at `-c32`, so drift on the machine hits both alike; the figure of merit is the
 median of the per-pair gateway/bare req/s ratios. Latency at concurrency 1 gives the added median latency.
+
+On a machine with 2+ CPUs the proxy under test is pinned to the last CPU and wrk + nginx to the others
+(`--no-pin` turns this off), so each proxy gets a core of its own instead of being moved around. Each run also
+records, from /proc, the CPU time the target spent per request (a cost measure that other load on the machine
+disturbs much less than req/s) and how many cores other processes or the hypervisor took meanwhile; when that
+is high, the run's req/s is not trustworthy and the bench says so.
 
 The backend checks what it receives on the gateway's route: the caller's `Authorization` must not arrive and the
 pre-shared key must. A non-2xx answer there means the gateway forwarded something it must not, or is
@@ -135,7 +143,18 @@ def machine() -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = "?"
+    try:
+        revision = subprocess.run(
+            ["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        revision = ""
     return {
+        "revision": revision or "?",
         "cpu": cpu,
         "cores": os.cpu_count(),
         "os": platform.platform(),
@@ -182,11 +201,14 @@ class Service:
                 self.process.wait(STOP_SECONDS)
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy from the env
+
+
 def http(method: str, url: str, body: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
     data = body.encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with _DIRECT.open(request, timeout=5) as response:
             return int(response.status), response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
@@ -374,7 +396,7 @@ class Wrk:
             raise BenchError(f"wrk failed on {target} ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         data = json.loads(line.removeprefix("WRKJSON "))
         seconds_run = data["duration_us"] / 1e6
-        # wrk counts status >= 400 as `status` errors; a 1xx/3xx would show here too, so count anything not 2xx.
+        # wrk's `status` errors are answers >= 400; `probe` checked for an exact 200 before any load.
         return Run(
             target=target,
             connections=connections,
@@ -437,7 +459,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         threads=args.threads,
         pairs=args.pairs,
         workers=args.workers,
-        pin=args.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None,
+        pin=args.pin and shutil.which("taskset") is not None,
         json_path=args.json_path,
     )
 
@@ -457,7 +479,7 @@ def report_errors(run: Run) -> None:
         print(f"  warning: {run.target}: wrk socket errors {run.socket_errors}", file=sys.stderr)
     if run.non_2xx:
         raise BenchError(
-            f"{run.target}: {run.non_2xx} of {run.requests} responses were not 2xx — the target is misconfigured "
+            f"{run.target}: {run.non_2xx} of {run.requests} answers had a status >= 400 — the target is misconfigured "
             "(on the gateway: it forwarded the caller's Authorization or lost the pre-shared key)"
         )
 
@@ -501,12 +523,12 @@ def bench(options: Options) -> dict[str, Any]:
 
     # On a small machine wrk, nginx and the proxy fight for the cores and the scheduler moves them around, which
     # makes runs noisy. Pinned, the proxy under test owns one CPU and the load generator and backend share the rest.
-    cpus = os.cpu_count() or 1
-    load_pin = ["taskset", "-c", f"0-{cpus - 2}"] if options.pin else []
-    proxy_pin = ["taskset", "-c", str(cpus - 1)] if options.pin else []
-    info["pinning"] = (
-        f"proxy under test on CPU {cpus - 1}, wrk and nginx on CPU 0-{cpus - 2}" if options.pin else "none"
-    )
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = options.pin and len(cpus) >= 2
+    load_cpus, proxy_cpu = ",".join(map(str, cpus[:-1])), str(cpus[-1])
+    load_pin = ["taskset", "-c", load_cpus] if pin else []
+    proxy_pin = ["taskset", "-c", proxy_cpu] if pin else []
+    info["pinning"] = f"proxy under test on CPU {proxy_cpu}, wrk and nginx on CPU {load_cpus}" if pin else "none"
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
     runs: list[Run] = []
@@ -565,7 +587,8 @@ def bench(options: Options) -> dict[str, Any]:
 
         config = workdir / "gateway.yaml"
         config.write_text(gateway_config(nginx_port))
-        gateway_env = {**os.environ, "LOG_LEVEL": "WARNING", "BENCH_PSK": PSK_VALUE}
+        # A clean environment: an OKTA_ISSUER, ALLOWED_HOSTS, REDIS_URL, … in ours would change what is measured.
+        gateway_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LOG_LEVEL": "WARNING", "BENCH_PSK": PSK_VALUE}
 
         def start_gateway(name: str, workers: int) -> tuple[Service, str]:
             port = free_port()

@@ -8,7 +8,9 @@ else through the pipeline, which answers unknown paths itself with the gateway's
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 from collections.abc import Callable
 
 import aiohttp
@@ -30,8 +32,14 @@ from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
 from okta_agent_proxy.mcp.sessions import SessionBindings
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
+from okta_agent_proxy.observability.metrics import render as render_metrics
+from okta_agent_proxy.observability.recorder import AuditSink, RequestRecorder
 from okta_agent_proxy.outbound import static
 from okta_agent_proxy.outbound.base import CredentialProvider
+from okta_agent_proxy.outbound.cache import CachingProvider
+from okta_agent_proxy.outbound.cross_app import CrossAppProvider
+from okta_agent_proxy.outbound.discovery import AuthServerDiscovery
+from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
 from okta_agent_proxy.pipeline import InboundIdentity, Pipeline, check_edge, error_response
 from okta_agent_proxy.routing import BackendRouter
 
@@ -47,14 +55,23 @@ async def _warm_jwks(inbound: InboundIdentity) -> None:
         log.warning("jwks_warmup_failed", reason=type(exc).__name__)
 
 
-def credential_provider(backend: Backend) -> CredentialProvider:
+def credential_provider(
+    name: str, backend: Backend, loaded: LoadedConfig, client: TokenEndpointClient, discovery: AuthServerDiscovery
+) -> CredentialProvider:
     if isinstance(backend, PreSharedKeyBackend):
         return static.pre_shared_key(backend.auth_config)
     if isinstance(backend, ServiceAccountBackend):
         return static.service_account(backend.auth_config)
     assert isinstance(backend, CrossAppBackend)
-    return static.UnavailableProvider(
-        "okta-cross-app", "okta-cross-app credentials are not available in this build of the gateway"
+    settings = loaded.settings
+    if not settings.OKTA_DOMAIN or not settings.OKTA_ISSUER:
+        return static.UnavailableProvider(
+            "okta-cross-app", "Cross App Access needs OKTA_DOMAIN and OKTA_ISSUER, which are not set"
+        )
+    return CachingProvider(
+        CrossAppProvider(
+            name, backend, loaded.config.agents, okta_domain=settings.OKTA_DOMAIN, client=client, discovery=discovery
+        )
     )
 
 
@@ -97,14 +114,30 @@ def scopes_by_backend(config: GatewayConfig) -> dict[str, frozenset[str]]:
     return result
 
 
-def build_pipeline(loaded: LoadedConfig, pool: UpstreamPool, inbound: InboundIdentity | None) -> Pipeline:
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_pipeline(
+    loaded: LoadedConfig,
+    pool: UpstreamPool,
+    inbound: InboundIdentity | None,
+    idp_session: aiohttp.ClientSession,
+    audit: AuditSink | None = None,
+) -> Pipeline:
     config: GatewayConfig = loaded.config
+    client = TokenEndpointClient(idp_session)
+    discovery = AuthServerDiscovery(client)
     return Pipeline(
         inbound=inbound,
         settings=loaded.settings,
         router=BackendRouter(config),
-        providers={name: credential_provider(backend) for name, backend in config.backends.items()},
+        providers={
+            name: credential_provider(name, backend, loaded, client, discovery)
+            for name, backend in config.backends.items()
+        },
         forwarder=Forwarder(pool),
+        recorder=RequestRecorder(audit, replica=replica_id(), record_arguments=config.audit.record_arguments),
         extra_headers={
             name: frozenset(h.lower() for h in backend.forward_headers) for name, backend in config.backends.items()
         },
@@ -118,7 +151,7 @@ def build_app(loaded: LoadedConfig) -> web.Application:
     pool = UpstreamPool(loaded.config.backends)
     idp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     inbound = build_inbound(loaded, idp_session)
-    pipeline = build_pipeline(loaded, pool, inbound)
+    pipeline = build_pipeline(loaded, pool, inbound, idp_session)
     scopes = scopes_by_backend(loaded.config)
     all_scopes = frozenset().union(*scopes.values())
     app = web.Application(client_max_size=settings.MAX_BODY_BYTES)
@@ -134,6 +167,10 @@ def build_app(loaded: LoadedConfig) -> web.Application:
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
         )
+
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = render_metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def protected_resource(request: web.Request) -> web.Response:
         """RFC 9728 §3: the document for `path`, at `/.well-known/oauth-protected-resource{path}`."""
@@ -169,6 +206,7 @@ def build_app(loaded: LoadedConfig) -> web.Application:
     app[_STARTUP_TASKS] = []
     app.router.add_get("/healthz", healthz, allow_head=False)
     app.router.add_get("/readyz", readyz, allow_head=False)
+    app.router.add_get("/metrics", metrics, allow_head=False)
     app.router.add_get(WELL_KNOWN + "{path:.*}", protected_resource, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     app.on_startup.append(on_startup)

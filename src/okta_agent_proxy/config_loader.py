@@ -149,14 +149,6 @@ def cross_check(config: GatewayConfig) -> list[Problem]:
                 problems.append(Problem(f"backends.{name}.paths[{index}]", f"{route} is also a path of {other}"))
             elif backend.paths.index(route) != index:
                 problems.append(Problem(f"backends.{name}.paths[{index}]", f"{route} is listed twice"))
-        if isinstance(backend, CrossAppBackend):
-            problems.append(
-                Problem(
-                    f"backends.{name}.auth_method",
-                    "okta-cross-app is not implemented in this build yet: requests get 502 token_exchange_failed",
-                    "warning",
-                )
-            )
     seen_ids: dict[str, str] = {}
     for name, agent in config.agents.items():
         if agent.private_key is not None and agent.private_key.is_published_example:
@@ -184,6 +176,20 @@ def cross_check(config: GatewayConfig) -> list[Problem]:
                     )
                 )
     return problems
+
+
+def check_cross_app_settings(config: GatewayConfig, settings: Settings) -> list[Problem]:
+    """Cross App Access needs the Okta org (step 1) and a verified caller (the subject token and the agent)."""
+    names = [name for name, backend in config.backends.items() if isinstance(backend, CrossAppBackend)]
+    return [
+        Problem(
+            f"env {variable}",
+            f"not set: okta-cross-app backends ({', '.join(names)}) answer 502 token_exchange_failed without it",
+            "warning",
+        )
+        for variable in ("OKTA_DOMAIN", "OKTA_ISSUER")
+        if names and not getattr(settings, variable)
+    ]
 
 
 def check_settings_consistency(settings: Settings) -> list[Problem]:
@@ -265,6 +271,7 @@ def load(
         problems += [p for p in problems_from(exc) if p.path not in reported]
         raise ConfigError(problems) from None
     problems += cross_check(config)
+    problems += check_cross_app_settings(config, settings)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
     return LoadedConfig(settings=settings, config=config, warnings=problems)

@@ -22,6 +22,7 @@ class GatewayError(Exception):
         self.message = message
         self.agent_id = agent_id
         self.headers: dict[str, str] = dict(headers or {})
+        self.detail: str | None = None  # for the audit log and operators only; never sent to the client
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, "agent_id": self.agent_id}

@@ -12,11 +12,13 @@ started, the forwarder ends it (an SSE error event, or an aborted connection for
 from __future__ import annotations
 
 import re
+import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from okta_agent_proxy.config import CrossAppBackend
 from okta_agent_proxy.errors import (
     BackendRejectedCredential,
     ForbiddenOrigin,
@@ -31,40 +33,24 @@ from okta_agent_proxy.errors import (
     PayloadTooLarge,
     Unauthenticated,
 )
-from okta_agent_proxy.inbound.agents import AgentDirectory, IdentifiedAgent
+from okta_agent_proxy.exchange import Exchange
+from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
-from okta_agent_proxy.inbound.validator import OktaTokenValidator, Principal
+from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, upstream_headers
-from okta_agent_proxy.mcp.messages import McpMessage, parse_message
+from okta_agent_proxy.mcp.messages import parse_message
 from okta_agent_proxy.mcp.sessions import SessionBindings, SessionOwner
 from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.observability.recorder import CLIENT_CLOSED, Outcome, RequestRecorder
 from okta_agent_proxy.outbound.base import CredentialProvider, CredentialRequest
 from okta_agent_proxy.policy.authz import authorize
-from okta_agent_proxy.routing import BackendRouter, Route
+from okta_agent_proxy.routing import BackendRouter
 from okta_agent_proxy.settings import Settings, normalize_origin
 
 log = get_logger(__name__)
 FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READ_CHUNK = 64 * 1024
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request's state; each field has one writer (named in its comment)."""
-
-    request_id: str  # edge
-    route: Route | None = None  # route
-    token: str | None = field(default=None, repr=False)  # authenticate
-    principal: Principal | None = None  # authenticate
-    agent: IdentifiedAgent | None = None  # identify agent
-    agent_id: str | None = None  # identify agent
-    body: bytes | None = None  # inspect
-    message: McpMessage | None = None  # inspect
-    session_owner: SessionOwner | None = None  # bind session
-    credential_method: str | None = None  # credential
-    upstream_status: int | None = None  # forward
-    error: GatewayError | None = field(default=None, repr=False)  # any step
 
 
 @dataclass(frozen=True)
@@ -74,10 +60,12 @@ class Pipeline:
     providers: dict[str, CredentialProvider]
     forwarder: Forwarder
     extra_headers: dict[str, frozenset[str]]  # per backend: lower-cased `forward_headers`
+    recorder: RequestRecorder
     inbound: InboundIdentity | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        exchange = Exchange(request_id=_request_id(request))
+        exchange = Exchange(_request_id(request), time.perf_counter(), request.method, request.path[:2048])
+        outcome = Outcome(CLIENT_CLOSED, "client_closed")  # unless we get to answer
         try:
             check_edge(request, self.settings)
             route_request(request, exchange, self.router)
@@ -88,48 +76,75 @@ class Pipeline:
             if self.inbound is not None:
                 authorize_request(exchange)
                 check_session(request, exchange, self.inbound.sessions)
-            return await self.forward(request, exchange)
+            response = await self.forward(request, exchange)
+            code = exchange.relay.failure or ("ok" if response.status < 400 else f"upstream_{response.status}")
+            outcome = Outcome(response.status, code)
+            return response
         except GatewayError as error:
             exchange.error = error
             if self.inbound is not None:
                 add_challenge(error, self.settings.base_url, request.path)
+            outcome = Outcome(error.status, error.code)
             return error_response(error, exchange.request_id)
         except Exception:
             # A bug, not a client's fault: log it (without the request's content) and answer 500 in our shape.
             log.exception("unhandled_error", request_id=exchange.request_id, path=request.path[:200])
             internal = InternalError("the gateway failed to handle this request")
             exchange.error = internal
+            outcome = Outcome(internal.status, internal.code)
             return error_response(internal, exchange.request_id)
+        finally:
+            if exchange.route is not None:  # DESIGN.md §4: backend routes only
+                self.recorder.finish(exchange, outcome)
 
     async def forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         route = exchange.route
         assert route is not None
         provider = self.providers[route.name]
-        credential_request = CredentialRequest(backend=route.name, agent=exchange.agent_id)
-        credential = await provider.get(credential_request)
+        credential_request = credential_request_for(request, exchange)
         exchange.credential_method = provider.method
+        credential = exchange.credential = await provider.get(credential_request)
         url = route.upstream_url(request.rel_url.raw_query_string)
         headers = upstream_headers(
             request.headers, self.extra_headers[route.name], credential.headers, exchange.request_id
         )
+        sent = time.perf_counter()
         response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
         if response.status == 401 and credential.refreshable:
             # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
             response.close()
             await provider.invalidate(credential_request)
-            credential = await provider.get(credential_request)
+            credential = exchange.credential = await provider.get(credential_request)
             headers.update(credential.headers)
+            sent = time.perf_counter()
             response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
+        exchange.relay.upstream_headers_seconds = time.perf_counter() - sent
         exchange.upstream_status = response.status
         if self.inbound is not None:
             track_session(
                 request, response.status, response.headers.get("Mcp-Session-Id"), exchange, self.inbound.sessions
             )
         try:
-            return await self.forwarder.relay(request, response, route.name, exchange.request_id)
+            return await self.forwarder.relay(request, response, route.name, exchange.request_id, exchange.relay)
         except BackendRejectedCredential as error:
             error.agent_id = exchange.agent_id
             raise
+
+
+def credential_request_for(request: web.Request, exchange: Exchange) -> CredentialRequest:
+    assert exchange.route is not None
+    backend = exchange.route.backend
+    principal = exchange.principal
+    id_token_header = backend.auth_config.id_token_header if isinstance(backend, CrossAppBackend) else None
+    return CredentialRequest(
+        backend=exchange.route.name,
+        agent=exchange.agent_id,
+        issuer=principal.issuer if principal else None,
+        subject=principal.subject if principal else None,
+        subject_token=exchange.token,
+        subject_token_expires_at=principal.expires_at if principal else None,
+        id_token=request.headers.get(id_token_header) if id_token_header else None,
+    )
 
 
 @dataclass(frozen=True)

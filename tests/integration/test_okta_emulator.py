@@ -130,7 +130,8 @@ async def test_metadata_is_path_appended_for_custom_servers(
     assert metadata["issuer"] == issuer
     assert metadata["jwks_uri"] == idp.jwks_uri(GATEWAY) == f"{issuer}/v1/keys"
     assert metadata["token_endpoint"] == idp.token_endpoint(GATEWAY) == f"{issuer}/v1/token"
-    assert metadata["grant_types_supported"] == ["client_credentials"]
+    assert metadata["grant_types_supported"] == ["client_credentials", "urn:ietf:params:oauth:grant-type:jwt-bearer"]
+    assert metadata["authorization_grant_profiles_supported"] == ["urn:ietf:params:oauth:grant-profile:id-jag"]
     assert "private_key_jwt" in metadata["token_endpoint_auth_methods_supported"]
 
 
@@ -427,7 +428,8 @@ async def test_assertion_signed_by_another_key_is_invalid_client(
     ("server", "form", "error"),
     [
         (GATEWAY, {"grant_type": "password", "username": "ada", "password": "pw"}, "unsupported_grant_type"),
-        (ORG, {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange"}, "unsupported_grant_type"),
+        (GATEWAY, {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange"}, "unsupported_grant_type"),
+        (ORG, {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer"}, "unsupported_grant_type"),
         (ORG, FORM, "unsupported_grant_type"),
         (GATEWAY, {"scope": "mcp:read"}, "invalid_request"),
     ],
@@ -465,8 +467,16 @@ async def test_malformed_token_requests(idp: OktaEmulator, http: aiohttp.ClientS
     assert (status, body["error"]) == (400, "invalid_request")
 
 
-async def test_registered_grant_extends_the_token_endpoint(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_registered_grant_extends_the_token_endpoint(http: aiohttp.ClientSession) -> None:
+    async with emulator(token_exchange=False) as idp:  # no built-in ID-JAG exchange: the handler below is the only one
+        await check_registered_grant(idp, http)
+
+
+async def check_registered_grant(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
     token_exchange = "urn:ietf:params:oauth:grant-type:token-exchange"
+    metadata = await get_json(http, f"{idp.base_url}/.well-known/oauth-authorization-server")
+    assert metadata["grant_types_supported"] == []
+    assert "identity_chaining_requested_token_types_supported" not in metadata
 
     async def exchange(request: TokenRequest) -> dict[str, Any]:
         if request.param("audience") != idp.issuer(GATEWAY):

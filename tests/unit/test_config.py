@@ -100,7 +100,7 @@ def test_base_config_loads(tmp_path: Path) -> None:
     loaded = load_config(write_yaml(tmp_path, base_config()), ENVIRON)
     config = loaded.config
     assert paths(loaded.warnings, "error") == set()
-    assert yaml_warnings(loaded.warnings) == {"backends.finance.auth_method"}
+    assert yaml_warnings(loaded.warnings) == set()
     assert isinstance(config.backends["employees"], PreSharedKeyBackend)
     assert isinstance(config.backends["reports"], ServiceAccountBackend)
     assert isinstance(config.backends["finance"], CrossAppBackend)
@@ -461,9 +461,14 @@ def test_literal_secrets_load_with_a_warning_each(tmp_path: Path) -> None:
     assert paths(loaded.warnings, "error") == set()
 
 
+def test_cross_app_backend_without_okta_domain_warns(tmp_path: Path) -> None:
+    loaded = load_config(write_yaml(tmp_path, base_config()), ENVIRON)
+    assert "env OKTA_DOMAIN" in paths(loaded.warnings, "warning")
+
+
 def test_referenced_secrets_get_no_literal_warning(tmp_path: Path) -> None:
     loaded = load_config(write_yaml(tmp_path, base_config()), ENVIRON)
-    assert yaml_warnings(loaded.warnings) == {"backends.finance.auth_method"}
+    assert yaml_warnings(loaded.warnings) == set()
 
 
 def test_literal_secret_warning_does_not_hide_the_error_at_the_same_path(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from multidict import MultiDict
 from okta_agent_proxy.devkit.okta_emulator_keys import (
     CLIENT_ASSERTION_TYPE,
     App,
+    AuthorizationServer,
     ClientAuthenticator,
     EmulatorKey,
     KeyRing,
@@ -156,6 +157,28 @@ def test_key_ring_rotation_and_retirement() -> None:
         ring.retire("k1")
     ring.rotate(third, keep_old=False)
     assert ring.kids == ["k3"]
+
+
+def test_key_ring_finds_published_keys_by_kid() -> None:
+    first, second = EmulatorKey("k1", rsa_key()), EmulatorKey("k2", rsa_key())
+    ring = KeyRing(first)
+    ring.rotate(second, keep_old=True)
+    assert (ring.find("k1"), ring.find("k2")) == (first, second)
+    for unknown in ("k3", None, ["k1"], 1):
+        assert ring.find(unknown) is None
+    ring.retire("k1")
+    assert ring.find("k1") is None
+
+
+def test_directory_defaults_for_cross_app_access() -> None:
+    server = AuthorizationServer("aus-x", "api://x")
+    assert (server.resources, server.jwt_bearer) == ((), True)
+    assert AuthorizationServer("aus-y", "api://y", resources=("https://y/mcp",), jwt_bearer=False).resources == (
+        "https://y/mcp",
+    )
+    assert App("wlpx", "agent").linked_client_id is None
+    with pytest.raises(ValueError, match="server id"):
+        AuthorizationServer("org", "api://org")
 
 
 def test_an_app_refuses_private_key_material() -> None:

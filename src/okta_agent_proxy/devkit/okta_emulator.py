@@ -15,17 +15,19 @@ under an opaque, stable `kid`, and rotation that may keep the old key published;
 servers, clients authenticated as Okta does (`okta_emulator_keys.py`); RFC 6749 §5.2 errors with `no-store`; Okta's
 JSON 404 for an unknown authorization server.
 
+Cross App Access (`self.xaa`, `okta_emulator_xaa.py`): the org server mints ID-JAGs (RFC 8693 token exchange) for
+what `xaa_policies` allow; custom servers redeem them (RFC 7523 jwt-bearer) unless built with `jwt_bearer=False`.
+
 For tests: tokens minted in code for configured users and apps, claims and headers overridable; `rotate_keys`,
-`retire_key`; JWKS failure injection (`set_jwks_mode`); per-server counters of JWKS fetches and token requests; an
-injectable clock. Extension point: `/v1/token` dispatches on `grant_type` through a table of `GrantHandler`s per kind
-of server (`register_grant`), which is also the metadata's `grant_types_supported`. Cross App Access plugs in there
-(RFC 8693 ID-JAG exchange at the org server, RFC 7523 jwt-bearer at custom servers); a grant type missing from the
-table gets `unsupported_grant_type` before any client authentication.
+`retire_key`; failure injection (`set_jwks_mode`, `set_token_endpoint_mode`); per-server counters of JWKS fetches and
+token requests (and `xaa`'s); an injectable clock. Extension point: `/v1/token` dispatches on `grant_type` through a
+table of `GrantHandler`s per kind of server (`register_grant`), which is also the metadata's `grant_types_supported`;
+a grant type missing from the table gets `unsupported_grant_type` before any client authentication.
 
 Not emulated: `/v1/authorize` (advertised, not served), login, sessions, consent, refresh tokens, introspection,
-revocation, userinfo, logout, access policies (an authenticated app gets any scope its server defines), rate limits,
-JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged; `run_emulator` prints its demo
-token on purpose.
+revocation, userinfo, logout, access policies beyond Cross App Access (client_credentials gets any scope its server
+defines), rate limits, JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged;
+`run_emulator` prints its demo token on purpose.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from okta_agent_proxy.devkit.okta_emulator_keys import (
     okta_id,
     single,
 )
+from okta_agent_proxy.devkit.okta_emulator_xaa import JWT_BEARER, TOKEN_EXCHANGE, CrossAppAccess, XaaPolicy
 
 __all__ = [
     "CLIENT_CREDENTIALS",
@@ -77,8 +80,10 @@ __all__ = [
     "JwksMode",
     "OAuthError",
     "OktaEmulator",
+    "TokenEndpointMode",
     "TokenRequest",
     "User",
+    "XaaPolicy",
     "okta_id",
     "run_emulator",
 ]
@@ -86,11 +91,12 @@ __all__ = [
 CLIENT_CREDENTIALS = "client_credentials"
 LOOPBACK = "127.0.0.1"
 JwksMode = Literal["ok", "down", "slow", "garbage"]
+TokenEndpointMode = Literal["ok", "down", "slow"]
 ServerKind = Literal["org", "custom"]
 Clock = Callable[[], float]
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only "slow" JWKS answers take long)
+_SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only "slow" answers take long)
 
 
 class OktaEmulator:
@@ -106,10 +112,14 @@ class OktaEmulator:
         path_inserted_metadata: bool = False,
         issuer_assertion_audience: bool = False,
         jwks_delay_seconds: float = 5.0,
+        token_delay_seconds: float = 5.0,
+        xaa_policies: Sequence[XaaPolicy] = (),
+        token_exchange: bool = True,
         clock: Clock = time.time,
     ) -> None:
         """`issuer_assertion_audience` also accepts the issuer as a client assertion's `aud` (rfc7523bis);
-        Okta accepts only the token endpoint URL. `jwks_delay_seconds` is how long "slow" JWKS answers wait."""
+        Okta accepts only the token endpoint URL. `jwks_delay_seconds`, `token_delay_seconds`: how long "slow" JWKS
+        and token answers wait. `xaa_policies` start `self.xaa.policies`; `token_exchange=False`: no ID-JAGs."""
         self._custom = by_key(auth_servers, lambda server: server.id, "authorization server id")
         self._users = by_key(users, lambda user: user.login, "user login")
         self._apps = by_key(apps, lambda app: app.client_id, "app client_id")
@@ -122,11 +132,20 @@ class OktaEmulator:
         self._clients = ClientAuthenticator(self._apps, clock)
         self._grants: dict[ServerKind, dict[str, GrantHandler]] = {"org": {}, "custom": {}}
         self.register_grant(CLIENT_CREDENTIALS, self._client_credentials, kind="custom")
+        self.xaa = CrossAppAccess(
+            self._custom, self._users, self.issuer, self._keyring, self.mint_access_token, clock, xaa_policies
+        )
+        """Cross App Access: its policies, counters and `mint_id_jag`."""
+        if token_exchange:
+            self.register_grant(TOKEN_EXCHANGE, self.xaa.exchange, kind="org")
+        self.register_grant(JWT_BEARER, self.xaa.redeem, kind="custom")
         self._keys: dict[str, KeyRing] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
         self._jwks_mode: JwksMode = "ok"
         self._jwks_delay_seconds = jwks_delay_seconds
+        self._token_modes: dict[str | None, TokenEndpointMode] = {None: "ok"}  # by server id; None: the others
+        self._token_delay_seconds = token_delay_seconds
         self.org_id = okta_id("00o")
         self.jwks_fetches: Counter[str] = Counter()
         """Requests to each server's `/v1/keys`, whatever the JWKS mode answered."""
@@ -232,6 +251,18 @@ class OktaEmulator:
         if delay_seconds is not None:
             self._jwks_delay_seconds = delay_seconds
 
+    def set_token_endpoint_mode(
+        self, mode: TokenEndpointMode, *, delay_seconds: float | None = None, auth_server_id: str | None = None
+    ) -> None:
+        """How `/v1/token` answers from now on: "ok", "down" (503) or "slow" (after `delay_seconds`, default the
+        constructor's `token_delay_seconds`). Only at `auth_server_id` (`ORG` or a custom id) if given, else at all
+        servers (forgetting per-server modes)."""
+        if mode not in get_args(TokenEndpointMode):
+            raise ValueError(f"unknown token endpoint mode {mode!r}")
+        self._token_modes = {**self._token_modes, auth_server_id: mode} if auth_server_id else {None: mode}
+        if delay_seconds is not None:
+            self._token_delay_seconds = delay_seconds
+
     # ---- minting
 
     def mint_access_token(
@@ -309,30 +340,38 @@ class OktaEmulator:
     async def _handle_jwks(self, request: web.Request) -> web.Response:
         server_id = self._server_id(request)
         self.jwks_fetches[server_id] += 1
-        if self._jwks_mode == "down":
-            body = okta_error("E0000009", "Service unavailable (emulated outage)")
-            return web.Response(status=503, text=body, content_type="application/json", headers={"Retry-After": "1"})
         if self._jwks_mode == "garbage":
             return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="application/json")
-        if self._jwks_mode == "slow":
-            await asyncio.sleep(self._jwks_delay_seconds)
+        if (outage := await _injected_failure(self._jwks_mode, self._jwks_delay_seconds)) is not None:
+            return outage
         return web.json_response(self._keyring(server_id).jwks())
 
     async def _handle_metadata(self, request: web.Request, *, oidc: bool) -> web.Response:
         server_id = self._server_id(request)
         # grant_types_supported is exactly what this server's /v1/token serves.
+        grants = self._served_grants(server_id)
         document = metadata_document(
             issuer=self.issuer(server_id),
             endpoints=self._endpoints(server_id),
-            grant_types=list(self._grants[_kind(server_id)]),
+            grant_types=list(grants),
             scopes=OIDC_SCOPES if server_id == ORG else self._custom[server_id].scopes,
             oidc=oidc,
         )
-        return web.json_response(document)
+        return web.json_response(document | self.xaa.metadata(server_id, grants))
+
+    def _served_grants(self, server_id: str) -> dict[str, GrantHandler]:
+        grants = self._grants[_kind(server_id)]
+        if server_id != ORG and not self._custom[server_id].jwt_bearer:
+            return {grant: handler for grant, handler in grants.items() if grant != JWT_BEARER}
+        return grants
 
     async def _handle_token(self, request: web.Request) -> web.Response:
         server_id = self._server_id(request)
         self.token_requests[server_id] += 1
+        mode = self._token_modes.get(server_id, self._token_modes[None])
+        if (outage := await _injected_failure(mode, self._token_delay_seconds)) is not None:
+            return outage
+        grant_type: str | None = None
         try:
             if request.content_type != "application/x-www-form-urlencoded":
                 raise OAuthError("invalid_request", "The request must be application/x-www-form-urlencoded.")
@@ -340,7 +379,7 @@ class OktaEmulator:
             grant_type = single(form, "grant_type")
             if grant_type is None:
                 raise OAuthError("invalid_request", "The 'grant_type' parameter is required.")
-            handler = self._grants[_kind(server_id)].get(grant_type)
+            handler = self._served_grants(server_id).get(grant_type)
             if handler is None:
                 raise OAuthError("unsupported_grant_type", "The grant type is not supported by this server.")
             audiences = {self.token_endpoint(server_id)}
@@ -349,8 +388,12 @@ class OktaEmulator:
             client = self._clients.authenticate(request.headers.get("Authorization"), form, audiences)
             body = await handler(TokenRequest(server_id, client, form))
         except OAuthError as refusal:
-            self._log.info("okta_emulator_token_refused", auth_server=server_id, error=refusal.error)
+            self.xaa.count(server_id, grant_type, refusal.error)
+            self._log.info(
+                "okta_emulator_token_refused", auth_server=server_id, grant_type=grant_type, error=refusal.error
+            )
             return refusal.response()
+        self.xaa.count(server_id, grant_type, None)
         self._log.info(
             "okta_emulator_token_issued", auth_server=server_id, grant_type=grant_type, client=client.client_id
         )
@@ -365,6 +408,17 @@ class OktaEmulator:
 
 def _kind(auth_server_id: str) -> ServerKind:
     return "org" if auth_server_id == ORG else "custom"
+
+
+async def _injected_failure(mode: str, delay_seconds: float) -> web.Response | None:
+    """The 503 of a "down" endpoint; after the delay of a "slow" one, None (answer normally). Compare the result
+    with None: a `web.Response` is an empty mapping, hence falsy."""
+    if mode == "down":
+        body = okta_error("E0000009", "Service unavailable (emulated outage)")
+        return web.Response(status=503, text=body, content_type="application/json", headers={"Retry-After": "1"})
+    if mode == "slow":
+        await asyncio.sleep(delay_seconds)
+    return None
 
 
 # ---- the standalone demo IdP

@@ -100,12 +100,14 @@ class App:
 
     `client_secret` enables `client_secret_basic`/`client_secret_post`; `public_jwk` enables `private_key_jwt`.
     An app with neither is a public client: tokens can be minted for it, but it cannot authenticate at /v1/token.
+    `linked_client_id`: an AI agent's linked OIDC sign-on app, whose ID tokens the agent may exchange for ID-JAGs.
     """
 
     client_id: str
     name: str
     client_secret: str | None = field(default=None, repr=False)
     public_jwk: Mapping[str, Any] | None = None
+    linked_client_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.public_jwk is not None and any(k in self.public_jwk for k in ("d", "p", "q", "k")):
@@ -114,12 +116,17 @@ class App:
 
 @dataclass(frozen=True)
 class AuthorizationServer:
-    """A custom authorization server `/oauth2/{id}`: its default `aud` and its scopes (empty: any custom scope)."""
+    """A custom authorization server `/oauth2/{id}`: its default `aud` and its scopes (empty: any custom scope).
+
+    `resources`: the resources (MCP servers) it protects; when declared, an ID-JAG's `resource` must be one of them.
+    `jwt_bearer`: it redeems ID-JAGs (RFC 7523 jwt-bearer grant, advertised with the id-jag grant profile)."""
 
     id: str
     audience: str
     scopes: tuple[str, ...] = ()
     default_scopes: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    jwt_bearer: bool = True
 
     def __post_init__(self) -> None:
         if self.id in (ORG, "v1") or not _SERVER_ID.fullmatch(self.id):
@@ -271,6 +278,10 @@ class KeyRing:
     @property
     def kids(self) -> list[str]:
         return [key.kid for key in self._keys]
+
+    def find(self, kid: object) -> EmulatorKey | None:
+        """The published key with this `kid`, if any."""
+        return next((key for key in self._keys if key.kid == kid), None)
 
     def rotate(self, new: EmulatorKey, *, keep_old: bool) -> str:
         """Make `new` the signing key; the previous keys stay published only when `keep_old`."""

@@ -15,7 +15,9 @@ connection, so the backend sees the cancellation too.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import yarl
@@ -28,6 +30,7 @@ from okta_agent_proxy.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
+from okta_agent_proxy.observability.metrics import OPEN_STREAMS
 
 # DESIGN.md §2: request headers a backend may see. Mcp-Param-* is matched by prefix.
 FORWARDED_REQUEST_HEADERS = frozenset(
@@ -121,6 +124,16 @@ def sse_error_event(code: str, message: str) -> bytes:
     return f'event: error\ndata: {{"error":"{code}","message":"{message}"}}\n\n'.encode()
 
 
+@dataclass(slots=True)
+class RelayStats:
+    """What the relay saw, for metrics and the audit record."""
+
+    headers_sent_at: float | None = None  # perf_counter() when the response headers went to the client
+    bytes_out: int = 0
+    upstream_headers_seconds: float | None = None
+    failure: str | None = None  # the error code when the backend failed after the response started
+
+
 class Forwarder:
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -160,7 +173,12 @@ class Forwarder:
         return response
 
     async def relay(
-        self, request: web.Request, response: aiohttp.ClientResponse, backend_name: str, request_id: str
+        self,
+        request: web.Request,
+        response: aiohttp.ClientResponse,
+        backend_name: str,
+        request_id: str,
+        stats: RelayStats,
     ) -> web.StreamResponse:
         """Stream the backend's response to the client as it arrives; returns once the client has it all."""
         if response.status == 401:
@@ -169,12 +187,17 @@ class Forwarder:
         headers = response_headers(response.headers, request_id)
         is_sse = headers.get("Content-Type", "").startswith(_SSE)
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+        if is_sse:
+            OPEN_STREAMS.inc()
         try:
             await out.prepare(request)
+            stats.headers_sent_at = time.perf_counter()
             async for chunk in response.content.iter_any():
+                stats.bytes_out += len(chunk)
                 await out.write(chunk)
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             response.close()
+            stats.failure = "backend_timeout" if isinstance(exc, TimeoutError) else "backend_unavailable"
             if is_sse:
                 if isinstance(exc, TimeoutError):
                     event = sse_error_event("backend_timeout", "the backend stopped sending within its timeout")
@@ -189,6 +212,9 @@ class Forwarder:
         except BaseException:
             response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
             raise
+        finally:
+            if is_sse:
+                OPEN_STREAMS.dec()
         response.release()
         await out.write_eof()
         return out

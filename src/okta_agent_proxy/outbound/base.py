@@ -19,8 +19,9 @@ class CredentialRequest:
     agent: str | None = None
     issuer: str | None = None
     subject: str | None = None
-    subject_token: str | None = field(default=None, repr=False)
+    subject_token: str | None = field(default=None, repr=False)  # the caller's access token
     subject_token_expires_at: float | None = None
+    id_token: str | None = field(default=None, repr=False)  # from the backend's `id_token_header`, if configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class Credential:
     expires_at: float | None = None  # epoch seconds; None: does not expire
     cache_hit: bool | None = None  # None: the method has no cache
     refreshable: bool = False  # True when invalidating may yield a different credential
+    id_jag_jti: str | None = None  # the ID-JAG minted for this credential, for the audit log
 
 
 class CredentialProvider(Protocol):

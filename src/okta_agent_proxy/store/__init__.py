@@ -1,0 +1,1 @@
+"""State: the audit log, config history and the database behind them (pipeline step 9)."""
