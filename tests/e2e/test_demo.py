@@ -73,6 +73,8 @@ def test_printed_curl_commands_work(demo: Demo) -> None:
     assert '"error":"authorization_denied"' in denied and '"agent_id":"claude-code"' in denied
     assert challenge.startswith("HTTP/1.1 401") and 'resource_metadata="' in challenge
     assert '"authorization_servers"' in metadata
+    # employees is reached through Cross App Access: the exchange shows in the demo's log, once (then cached).
+    assert len(re.findall(r"token_exchange_completed\s+agent=cursor", demo.process.output())) == 1
 
 
 @pytest.mark.node

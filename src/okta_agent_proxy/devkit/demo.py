@@ -1,10 +1,12 @@
 """`okta-agent-proxy demo`: the whole product on loopback, with nothing to configure and no Okta tenant.
 
-It starts the embedded Okta emulator (an org with a custom authorization server for the gateway, a user, and two
-agent apps), the two sample MCP backends as child processes (`employees` behind a service account, `partners`
-behind a pre-shared key), writes a config that references the backends' secrets as `${ENV}` (fresh random values
-each run), runs the gateway in this process against the emulator, and prints user tokens and commands that work
-as printed — one agent allowed, one denied. Ctrl-C stops everything.
+It starts the embedded Okta emulator — an org with a custom authorization server for the gateway's callers
+(`aus-gateway`), another for the `employees` backend (`aus-employees`), a user, and two agent apps, `cursor` with a
+key pair and a Cross App Access policy for `aus-employees` — and the two sample MCP backends as child processes:
+`employees` accepts only access tokens `aus-employees` minted for it (so every call proves the ID-JAG exchange
+happened), `partners` only its pre-shared key. It writes a config that references the secrets as `${ENV}` (fresh
+values each run), runs the gateway in this process, and prints user tokens and commands that work as printed —
+one agent allowed, one denied. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from okta_agent_proxy import keys
 from okta_agent_proxy.app import run_until_stopped
 from okta_agent_proxy.config_loader import ConfigError, load
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
+from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
 
 DEMO_CONFIG = """\
@@ -28,6 +31,7 @@ DEMO_CONFIG = """\
 agents:
   cursor:
     client_id: {cursor_id}
+    private_key: ${{DEMO_CURSOR_KEY}}
     scopes: [mcp:read]
     backend_access: [employees, partners]
   claude-code:
@@ -38,10 +42,12 @@ backends:
   employees:
     url: http://127.0.0.1:{employees_port}/mcp
     paths: [/employees, /hr]
-    auth_method: service-account
+    auth_method: okta-cross-app
     auth_config:
-      username: demo-service
-      password: ${{DEMO_EMPLOYEES_PASSWORD}}
+      id_jag_mode: static
+      target_authorization_server: {employees_issuer}
+      target_token_endpoint: {employees_issuer}/v1/token
+      scopes: [employees:read]
   partners:
     url: http://127.0.0.1:{partners_port}/mcp
     paths: [/partners]
@@ -81,10 +87,11 @@ async def start_backend(name: str, port: int, env: dict[str, str]) -> asyncio.su
     return process
 
 
-CURSOR = App("0oademocursor0000001", "Cursor")
+CURSOR_ID = "0oademocursor0000001"
 CLAUDE_CODE = App("0oademoclaude0000002", "Claude Code")
 USER = User("ada.lovelace@example.com", "00udemoada0lovelace1")
 AUTH_SERVER = "aus-gateway"
+EMPLOYEES_SERVER = "aus-employees"
 TOKEN_LIFETIME = 8 * 3600
 
 
@@ -103,11 +110,12 @@ def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str]) -> str
     )
     return f"""
 Okta Agent Proxy demo: the gateway is at {gateway}
-  employees (service account)  {gateway}/employees   (also {gateway}/hr)
+  employees (Cross App Access) {gateway}/employees   (also {gateway}/hr)
   partners  (pre-shared key)   {gateway}/partners
   Okta emulator                {idp.issuer(AUTH_SERVER)}  (the gateway's OKTA_ISSUER)
-Agents: cursor may reach employees and partners; claude-code only partners. The backends accept only the
-credential the gateway adds; your token never reaches them.
+Agents: cursor may reach employees and partners; claude-code only partners. Your token never reaches a backend:
+for employees the gateway trades it at the emulated Okta for an ID-JAG, then for a token of employees' own
+authorization server (watch for token_exchange_completed in this log); partners gets its pre-shared key.
 
 User {USER.login}'s access tokens (valid {TOKEN_LIFETIME // 3600} h), one per agent app — paste into another terminal:
   export CURSOR_TOKEN={tokens["cursor"]}
@@ -131,28 +139,42 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="okta-agent-proxy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     gateway = f"http://localhost:{port}"
-    secrets_env = {
-        "DEMO_EMPLOYEES_PASSWORD": secrets.token_urlsafe(24),
-        "DEMO_PARTNERS_KEY": secrets.token_urlsafe(24),
-    }
+    agent_key = keys.generate_rsa_key()
+    signing_key = keys.load_signing_key(keys.private_pem(agent_key))
+    secrets_env = {"DEMO_PARTNERS_KEY": secrets.token_urlsafe(24), "DEMO_CURSOR_KEY": keys.private_pem(agent_key)}
     ports = {"employees_port": free_port(), "partners_port": free_port()}
-    config_path = workdir / "config.yaml"
-    config_path.write_text(
-        DEMO_CONFIG.format(**ports, cursor_id=CURSOR.client_id, claude_id=CLAUDE_CODE.client_id), encoding="utf-8"
-    )
-    server = AuthorizationServer(AUTH_SERVER, gateway, scopes=("mcp:read", "mcp:write"))
-    async with OktaEmulator(auth_servers=[server], users=[USER], apps=[CURSOR, CLAUDE_CODE]) as idp:
+    employees_url = f"http://127.0.0.1:{ports['employees_port']}/mcp"
+    servers = [
+        AuthorizationServer(AUTH_SERVER, gateway, scopes=("mcp:read", "mcp:write")),
+        AuthorizationServer(EMPLOYEES_SERVER, employees_url, scopes=("employees:read",), resources=(employees_url,)),
+    ]
+    cursor = App(CURSOR_ID, "Cursor", public_jwk=signing_key.public_jwk())
+    policy = XaaPolicy(CURSOR_ID, EMPLOYEES_SERVER, resources=(employees_url,), scopes=("employees:read",))
+    idp = OktaEmulator(auth_servers=servers, users=[USER], apps=[cursor, CLAUDE_CODE], xaa_policies=[policy])
+    async with idp:
+        employees_issuer = idp.issuer(EMPLOYEES_SERVER)
+        config_path = workdir / "config.yaml"
+        config_path.write_text(
+            DEMO_CONFIG.format(
+                **ports, cursor_id=CURSOR_ID, claude_id=CLAUDE_CODE.client_id, employees_issuer=employees_issuer
+            ),
+            encoding="utf-8",
+        )
         tokens = {
             name: idp.mint_access_token(
                 AUTH_SERVER, user=USER, client_id=app.client_id, scopes=["mcp:read"], lifetime=TOKEN_LIFETIME
             )
-            for name, app in (("cursor", CURSOR), ("claude-code", CLAUDE_CODE))
+            for name, app in (("cursor", cursor), ("claude-code", CLAUDE_CODE))
         }
         processes = [
             await start_backend(
                 "employees",
                 ports["employees_port"],
-                {"SAMPLE_BACKEND_BASIC": f"demo-service:{secrets_env['DEMO_EMPLOYEES_PASSWORD']}"},
+                {
+                    "SAMPLE_BACKEND_TOKEN_ISSUER": employees_issuer,
+                    "SAMPLE_BACKEND_TOKEN_AUDIENCE": employees_url,
+                    "SAMPLE_BACKEND_JWKS_URI": idp.jwks_uri(EMPLOYEES_SERVER),
+                },
             ),
             await start_backend(
                 "partners", ports["partners_port"], {"SAMPLE_BACKEND_API_KEY": secrets_env["DEMO_PARTNERS_KEY"]}

@@ -3,7 +3,9 @@
 `employees` and `partners` are small directories with tools, a resource and a prompt; both have a `slow_report`
 tool that streams progress for about two seconds, to show that the gateway streams. Each backend checks the
 credential the gateway must send (an API key header or HTTP Basic, given by environment variables so it never
-shows in a process list) and answers 401 without it — so a working demo proves the gateway injected it.
+shows in a process list) and answers 401 without it — so a working demo proves the gateway injected it. With
+`SAMPLE_BACKEND_TOKEN_ISSUER` (and `_AUDIENCE`, `SAMPLE_BACKEND_JWKS_URI`) it instead requires an access token its own
+authorization server minted for it, as a Cross App Access backend does.
 
 Run one: `python -m okta_agent_proxy.devkit.sample_backends employees --port 9001`.
 """
@@ -128,6 +130,38 @@ class RequireCredential:
         await self._app(scope, receive, send)
 
 
+class RequireAccessToken:
+    """ASGI middleware: 401 unless `Authorization: Bearer` carries a JWT from `issuer` for `audience` — what a
+    backend behind Cross App Access checks. Keys come from `jwks_uri`, refetched (off the event loop) on an unknown
+    `kid`."""
+
+    def __init__(self, app: Any, issuer: str, audience: str, jwks_uri: str) -> None:
+        import jwt
+
+        self._app = app
+        self._issuer = issuer
+        self._audience = audience
+        self._jwks = jwt.PyJWKClient(jwks_uri, cache_keys=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not await self._valid(dict(scope["headers"]).get(b"authorization", b"")):
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": b"a valid access token for this server is required"})
+            return
+        await self._app(scope, receive, send)
+
+    async def _valid(self, header: bytes) -> bool:
+        import jwt
+
+        token = header.decode(errors="replace").removeprefix("Bearer ").strip()
+        try:
+            key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            jwt.decode(token, key.key, algorithms=["RS256"], audience=self._audience, issuer=self._issuer)
+        except jwt.PyJWTError:
+            return False
+        return True
+
+
 def credential_check(environ: dict[str, str]) -> tuple[str, str] | None:
     """(header, expected value) from SAMPLE_BACKEND_API_KEY[/_HEADER] or SAMPLE_BACKEND_BASIC (user:pass)."""
     if key := environ.get("SAMPLE_BACKEND_API_KEY"):
@@ -154,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     check = credential_check(dict(os.environ))
     if check is not None:
         app = RequireCredential(app, *check)
+    if issuer := os.environ.get("SAMPLE_BACKEND_TOKEN_ISSUER"):
+        audience = os.environ.get("SAMPLE_BACKEND_TOKEN_AUDIENCE", f"http://{args.host}:{args.port}/mcp")
+        app = RequireAccessToken(app, issuer, audience, os.environ["SAMPLE_BACKEND_JWKS_URI"])
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -123,11 +123,23 @@ class CrossAppProvider:
             log.error("token_exchange_unsupported_token_type", backend=self._name, token_type=token.token_type)
             raise CredentialUnavailable(f"the authorization server of {self._name} issued a non-Bearer token")
         lifetime = token.expires_in if token.expires_in is not None else DEFAULT_LIFETIME_SECONDS
+        id_jag_jti = _jti(grant.access_token)
+        log.info(
+            "token_exchange_completed",
+            backend=self._name,
+            agent=request.agent,
+            subject=request.subject,
+            audience=target.issuer,
+            resource=self._resource,
+            id_jag_jti=id_jag_jti,
+            granted_scope=token.scope,
+            expires_in=lifetime,
+        )
         return Credential(
             headers={"Authorization": f"Bearer {token.access_token}"},
             expires_at=token.received_at + lifetime,
             refreshable=True,
-            id_jag_jti=_jti(grant.access_token),
+            id_jag_jti=id_jag_jti,
         )
 
     def _subject(self, request: CredentialRequest) -> tuple[str, str]:

@@ -42,6 +42,10 @@ class ClientAuth:
         return ClientAuth("private_key_jwt", client_id, key=key, assertion_audience=assertion_audience)
 
     @staticmethod
+    def public(client_id: str) -> ClientAuth:
+        return ClientAuth("none", client_id)
+
+    @staticmethod
     def client_secret_basic(client_id: str, secret: SecretStr) -> ClientAuth:
         return ClientAuth("client_secret_basic", client_id, secret=secret)
 
