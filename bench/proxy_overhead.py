@@ -518,8 +518,8 @@ def bench(options: Options) -> dict[str, Any]:
     if not gateway_exe.exists():
         raise BenchError(f"{gateway_exe} not found: run this with the project's venv (./run bench)")
     info = machine()
-    info["wrk"] = tool_version([wrk_path, "-v"]).split(" [")[0].replace("debian/", "")
-    info["nginx"] = tool_version([nginx_path, "-v"]).removeprefix("nginx version: ")
+    info["wrk"] = tool_version([wrk_path, "-v"]).split(" [")[0].replace("debian/", "").removeprefix("wrk ")
+    info["nginx"] = tool_version([nginx_path, "-v"]).removeprefix("nginx version: nginx/")
 
     # On a small machine wrk, nginx and the proxy fight for the cores and the scheduler moves them around, which
     # makes runs noisy. Pinned, the proxy under test owns one CPU and the load generator and backend share the rest.

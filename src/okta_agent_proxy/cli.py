@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
 from okta_agent_proxy import __version__
+from okta_agent_proxy.audit_command import audit_command
 from okta_agent_proxy.config import config_schema
 from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.observability.logging import configure, get_logger
@@ -32,7 +36,7 @@ def _load_or_exit(config: str | None, env_file: str | None) -> LoadedConfig:
     return loaded
 
 
-def _run_loop(coro: Any) -> None:
+def run_loop(coro: Any) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
@@ -43,19 +47,31 @@ def _run_loop(coro: Any) -> None:
         uvloop.run(coro)
 
 
-def _serve_one(config: str | None, env_file: str | None, host: str, port: int, reuse_port: bool) -> None:
+def _serve_one(
+    config: str | None, env_file: str | None, host: str, port: int, reuse_port: bool, migrate_store: bool
+) -> None:
     from okta_agent_proxy.app import run_until_stopped
 
     loaded = _load_or_exit(config, env_file)
     configure(loaded.settings.LOG_LEVEL, loaded.settings.LOG_FORMAT)
-    _run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port))
+    run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port, migrate_store=migrate_store))
 
 
-def _serve_workers(config: str | None, env_file: str | None, host: str, port: int, workers: int) -> None:
-    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them."""
+def _serve_workers(
+    config: str | None, env_file: str | None, host: str, port: int, workers: int, migrate_store: bool
+) -> None:
+    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. Migrations run
+    once, here, before they start; metrics are aggregated across them through a shared directory."""
+    from okta_agent_proxy.store.db import migrate
+
+    if migrate_store:
+        loaded = _load_or_exit(config, env_file)
+        run_loop(migrate(loaded.settings.DATABASE_URL))
+    metrics_dir = tempfile.mkdtemp(prefix="okta-agent-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_serve_one, args=(config, env_file, host, port, True), name=f"worker-{i}")
+        context.Process(target=_serve_one, args=(config, env_file, host, port, True, False), name=f"worker-{i}")
         for i in range(workers)
     ]
     for process in processes:
@@ -72,6 +88,7 @@ def _serve_workers(config: str | None, env_file: str | None, host: str, port: in
     for process in processes:
         process.join()
         exit_codes.append(process.exitcode or 0)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     raise SystemExit(max(exit_codes))
 
 
@@ -97,7 +114,13 @@ _env_file_option = click.option("--env-file", default=".env", show_default=True,
 @click.option("--host", default=None, help="Bind address (default: $GATEWAY_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default: $GATEWAY_PORT).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Processes on one port.")
-def serve(config: str | None, env_file: str, host: str | None, port: int | None, workers: int) -> None:
+@click.option(
+    "--migrate/--no-migrate",
+    default=True,
+    show_default=True,
+    help="Upgrade the database schema at start (serialised across replicas).",
+)
+def serve(config: str | None, env_file: str, host: str | None, port: int | None, workers: int, migrate: bool) -> None:
     """Run the gateway."""
     loaded = _load_or_exit(config, env_file)
     host = host or loaded.settings.GATEWAY_HOST
@@ -111,9 +134,9 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
         )
         raise SystemExit(EXIT_CONFIG)
     if workers == 1:
-        _serve_one(config, env_file, host, port, reuse_port=False)
+        _serve_one(config, env_file, host, port, False, migrate)
     else:
-        _serve_workers(config, env_file, host, port, workers)
+        _serve_workers(config, env_file, host, port, workers, migrate)
 
 
 @cli.command()
@@ -143,7 +166,7 @@ def demo(ctx: click.Context, port: int, workdir: Path | None) -> None:
     from okta_agent_proxy.devkit.demo import run_demo
 
     configure("INFO", "console")
-    _run_loop(run_demo(port=port, workdir=workdir))
+    run_loop(run_demo(port=port, workdir=workdir))
 
 
 @demo.command("idp")
@@ -154,7 +177,10 @@ def demo_idp(port: int, audience: str) -> None:
     from okta_agent_proxy.devkit.okta_emulator import run_emulator
 
     configure("INFO", "console")
-    _run_loop(run_emulator(port, audience=audience))
+    run_loop(run_emulator(port, audience=audience))
+
+
+cli.add_command(audit_command)
 
 
 def main() -> None:

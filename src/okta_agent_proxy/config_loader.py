@@ -8,6 +8,7 @@ warning.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -51,6 +52,9 @@ class LoadedConfig:
     settings: Settings
     config: GatewayConfig
     warnings: list[Problem] = field(default_factory=list)
+    source: str | None = None  # the YAML's path
+    source_hash: str | None = None  # SHA-256 of the YAML's bytes
+    env_file: str | None = None  # the .env file read, for a reload to read it again
 
 
 _VALIDATOR_TAG = re.compile(r"^function-(after|before|wrap|plain)\[")
@@ -249,9 +253,12 @@ def load(
 
     path = Path(config_path or settings.CONFIG_PATH)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8"))
     except OSError as exc:
         raise ConfigError([*problems, Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([*problems, Problem(str(path), "not UTF-8 text")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -274,4 +281,4 @@ def load(
     problems += check_cross_app_settings(config, settings)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
-    return LoadedConfig(settings=settings, config=config, warnings=problems)
+    return LoadedConfig(settings, config, problems, str(path), hashlib.sha256(data).hexdigest(), env_file)

@@ -12,8 +12,8 @@ started, the forwarder ends it (an SSE error event, or an aborted connection for
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -95,7 +95,7 @@ class Pipeline:
             return error_response(internal, exchange.request_id)
         finally:
             if exchange.route is not None:  # DESIGN.md §4: backend routes only
-                self.recorder.finish(exchange, outcome)
+                await self.recorder.finish(exchange, outcome)
 
     async def forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         route = exchange.route
@@ -228,7 +228,7 @@ def _request_id(request: web.Request) -> str:
     supplied = request.headers.get("X-Request-ID")
     if supplied and _REQUEST_ID.match(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
@@ -265,8 +265,10 @@ def route_request(request: web.Request, exchange: Exchange, router: BackendRoute
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole request body, or PayloadTooLarge as soon as it passes `limit` (never buffering more)."""
     declared = request.content_length
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    if declared is not None:
+        if declared > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        return await request.read()  # bounded by the declared length, which is within the limit
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.read(_READ_CHUNK):

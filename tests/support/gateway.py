@@ -216,12 +216,14 @@ def gateway_process(
     timeout: float = 30.0,
 ) -> Iterator[ServerProcess]:
     """`okta-agent-proxy serve` as a subprocess; `settings` are passed as environment variables on top of `env`
-    (default: this process's environment), `LOG_LEVEL` defaults to WARNING."""
+    (default: this process's environment), `LOG_LEVEL` defaults to WARNING and `DATABASE_URL` to a SQLite file in a
+    temporary directory."""
     with tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(_yaml_text(config), encoding="utf-8")
         base_env = dict(os.environ if env is None else env)
         base_env.setdefault("LOG_LEVEL", "WARNING")
+        base_env["DATABASE_URL"] = f"sqlite:///{Path(tmp) / 'audit.db'}"  # never the working directory's ./data/
         base_env.update({name: str(value) for name, value in (settings or {}).items()})
         set_base_url = "GATEWAY_BASE_URL" not in base_env
 

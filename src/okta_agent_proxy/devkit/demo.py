@@ -95,7 +95,7 @@ EMPLOYEES_SERVER = "aus-employees"
 TOKEN_LIFETIME = 8 * 3600
 
 
-def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str]) -> str:
+def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdir: Path) -> str:
     accept = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
     cursor = '-H "Authorization: Bearer $CURSOR_TOKEN"'
     claude = '-H "Authorization: Bearer $CLAUDE_TOKEN"'
@@ -130,6 +130,8 @@ Then try:
   curl -s  {gateway}/.well-known/oauth-protected-resource/employees
   npx -y @modelcontextprotocol/inspector@2.12.0 --cli {gateway}/partners --transport http --method tools/list \\
       --header "Authorization: Bearer $CURSOR_TOKEN"   # needs Node 22
+
+The audit log of this run: okta-agent-proxy audit --database-url sqlite:///{workdir}/audit.db
 
 Press Ctrl-C to stop.
 """
@@ -192,6 +194,7 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
                         "GATEWAY_HOST": "127.0.0.1",
                         "OKTA_DOMAIN": idp.base_url,
                         "OKTA_ISSUER": idp.issuer(AUTH_SERVER),
+                        "DATABASE_URL": f"sqlite:///{workdir / 'audit.db'}",
                     },
                 )
             except ConfigError as exc:  # pragma: no cover - the demo writes its own config
@@ -201,7 +204,7 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
                     loaded,
                     "127.0.0.1",
                     port,
-                    on_ready=lambda bound: print(instructions(gateway, idp, tokens), flush=True),
+                    on_ready=lambda bound: print(instructions(gateway, idp, tokens, workdir), flush=True),
                 )
             except OSError as exc:
                 raise SystemExit(f"demo: cannot listen on port {port} ({exc.strerror}); try --port 8080") from None

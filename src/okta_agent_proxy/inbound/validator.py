@@ -84,6 +84,11 @@ class OktaTokenValidator:
         self._cache_size = cache_size
         self.verifications = 0
 
+    def set_audiences(self, audiences: Iterable[str]) -> None:
+        """Accept these audiences from now on (config reload); tokens verified before are checked again."""
+        self._audiences = list(audiences)
+        self._cache.clear()
+
     @property
     def jwks_ready(self) -> bool:
         return self._jwks.ready

@@ -72,6 +72,14 @@ class UpstreamPool:
     def __init__(self, backends: Mapping[str, Backend]) -> None:
         self._backends = dict(backends)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # Per backend, built once: (for POST and DELETE: connect and between-bytes; for GET streams: connect only).
+        self.timeouts = {
+            name: (
+                aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=b.timeout_seconds),
+                aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=None),
+            )
+            for name, b in backends.items()
+        }
 
     async def start(self) -> None:
         for name in self._backends:
@@ -80,7 +88,6 @@ class UpstreamPool:
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
                 auto_decompress=False,  # bytes pass through as the backend sent them
-                skip_auto_headers=("Accept-Encoding", "User-Agent"),
                 timeout=aiohttp.ClientTimeout(total=None),
             )
 
@@ -104,6 +111,8 @@ def upstream_headers(
         if lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-") or lower in extra_allowed:
             headers.add(name, value)
     headers["X-Request-ID"] = request_id
+    # The client's Accept-Encoding is not forwarded; ask for identity so bytes relay as they are (no decompression).
+    headers["Accept-Encoding"] = "identity"
     headers.update(credential_headers)
     return headers
 
@@ -148,23 +157,19 @@ class Forwarder:
         body: bytes | None,
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its headers are in, or raise a GatewayError."""
-        # A GET stream idles by design: bound only the wait for its headers, not the gaps between its events.
-        idle_stream = method == "GET"
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=backend.timeout_seconds,
-            sock_read=None if idle_stream else backend.timeout_seconds,
-        )
+        session = self._pool.session(backend_name)
+        timeouts = self._pool.timeouts[backend_name]
+        target = yarl.URL(url, encoded=True)  # the path and query go upstream byte for byte, as the client sent them
         try:
-            async with asyncio.timeout(backend.timeout_seconds if idle_stream else None):
-                # encoded=True: the path and query go upstream byte for byte, as the client sent them.
-                response = await self._pool.session(backend_name).request(
-                    method,
-                    yarl.URL(url, encoded=True),
-                    headers=headers,
-                    data=body,
-                    timeout=timeout,
-                    allow_redirects=False,
+            if method == "GET":
+                # A GET stream idles by design: bound only the wait for its headers, not the gaps between events.
+                async with asyncio.timeout(backend.timeout_seconds):
+                    response = await session.request(
+                        method, target, headers=headers, timeout=timeouts[1], allow_redirects=False
+                    )
+            else:
+                response = await session.request(
+                    method, target, headers=headers, data=body, timeout=timeouts[0], allow_redirects=False
                 )
         except TimeoutError:
             raise BackendTimeout(f"backend {backend_name} did not answer in time") from None

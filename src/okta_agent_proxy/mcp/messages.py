@@ -28,10 +28,18 @@ class McpMessage:
     arguments: Any = None
 
 
+def _load(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))  # the common case, without json's encoding detection
+    except (ValueError, RecursionError):
+        # A BOM, UTF-16 or UTF-32 (RFC 8259 §8.1 lets parsers accept them), or not JSON at all.
+        return json.loads(body)
+
+
 def parse_message(body: bytes) -> McpMessage:
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        document = _load(body)
+    except (ValueError, RecursionError):
         raise MalformedJson("Parse error: the request body is not valid JSON") from None
     if isinstance(document, list):
         return McpMessage("batch")

@@ -35,7 +35,11 @@ TOKEN_EXCHANGES = Counter(
 )
 JWKS_REFRESHES = Counter("oap_jwks_fetches", "JWKS fetches, by result.", ["result"])
 AUDIT_QUEUE_DEPTH = Gauge("oap_audit_queue_depth", "Audit events waiting to be written.", multiprocess_mode="livesum")
-AUDIT_DROPPED = Counter("oap_audit_dropped", "Audit events dropped because the queue was full.")
+AUDIT_DROPPED = Gauge(
+    "oap_audit_dropped_events",
+    "Audit events dropped since start (queue full under when_full: drop).",
+    multiprocess_mode="livesum",
+)
 OPEN_STREAMS = Gauge("oap_open_sse_streams", "SSE responses being relayed right now.", multiprocess_mode="livesum")
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from okta_agent_proxy.exchange import Exchange
+from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_EXCHANGES, UPSTREAM_SECONDS
 from okta_agent_proxy.store.events import AuditEvent
 
+log = get_logger(__name__)
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response was complete"
 
 
 class AuditSink(Protocol):
-    def record(self, event: AuditEvent) -> None: ...
+    async def record(self, event: AuditEvent) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,24 +35,60 @@ class RequestRecorder:
         self._sink = sink
         self._replica = replica
         self._record_arguments = record_arguments
+        # prometheus-client's labels() takes a lock and builds a key on every call: keep the children per label set.
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._by_backend: dict[str, tuple[Any, Any]] = {}
+        self._credentials: dict[tuple[str, bool], Any] = {}
 
-    def finish(self, exchange: Exchange, outcome: Outcome) -> None:
+    def _count(self, backend: str, agent: str, status: int, total: float, upstream: float | None) -> None:
+        key = (backend, agent, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = REQUESTS.labels(backend, agent, str(status))
+        counter.inc()
+        histograms = self._by_backend.get(backend)
+        if histograms is None:
+            histograms = self._by_backend[backend] = (
+                REQUEST_SECONDS.labels(backend),
+                UPSTREAM_SECONDS.labels(backend),
+            )
+        histograms[0].observe(total)
+        if upstream is not None:
+            histograms[1].observe(upstream)
+
+    def _count_credential(self, backend: str, hit: bool) -> None:
+        child = self._credentials.get((backend, hit))
+        if child is None:
+            child = self._credentials[(backend, hit)] = TOKEN_EXCHANGES.labels(
+                backend, "cache_hit" if hit else "cache_miss"
+            )
+        child.inc()
+
+    async def finish(self, exchange: Exchange, outcome: Outcome) -> None:
         ended = time.perf_counter()
         total = ended - exchange.started
         backend = exchange.route.name if exchange.route is not None else None
-        REQUESTS.labels(backend or "-", exchange.agent_id or "-", str(outcome.status)).inc()
-        REQUEST_SECONDS.labels(backend or "-").observe(total)
         relay = exchange.relay
-        if relay.upstream_headers_seconds is not None:
-            UPSTREAM_SECONDS.labels(backend or "-").observe(relay.upstream_headers_seconds)
+        self._count(backend or "-", exchange.agent_id or "-", outcome.status, total, relay.upstream_headers_seconds)
         credential = exchange.credential
         if credential is not None and credential.cache_hit is not None:
-            TOKEN_EXCHANGES.labels(backend or "-", "cache_hit" if credential.cache_hit else "cache_miss").inc()
+            self._count_credential(backend or "-", credential.cache_hit)
+        log.info(
+            "request",
+            request_id=exchange.request_id,
+            method=exchange.http_method,
+            path=exchange.path,
+            backend=backend,
+            agent=exchange.agent_id,
+            status=outcome.status,
+            outcome=outcome.code,
+            ms=round(total * 1000, 1),
+        )
         if self._sink is None:
             return
         principal, message = exchange.principal, exchange.message
         headers_ms = (relay.headers_sent_at - exchange.started) * 1000 if relay.headers_sent_at is not None else None
-        self._sink.record(
+        await self._sink.record(
             AuditEvent(
                 time=datetime.now(UTC) - timedelta(seconds=total),
                 request_id=exchange.request_id,

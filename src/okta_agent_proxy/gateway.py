@@ -1,0 +1,212 @@
+"""The running gateway: its long-lived parts, and the config-dependent parts rebuilt on every reload.
+
+Long-lived (one per process): the IdP HTTP session, the token validator with its JWKS and verified-token caches,
+MCP session bindings, the audit writer. Per config *generation*: the routing table, the agents, the credential
+providers (and their caches) and the upstream connection pools. A reload builds a new generation and swaps it in;
+requests already running finish on the generation they started with, whose pools close when its last request
+ends — so a reload drops nothing in flight. A config that does not load is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from okta_agent_proxy.config import (
+    Backend,
+    CrossAppBackend,
+    GatewayConfig,
+    PreSharedKeyBackend,
+    ServiceAccountBackend,
+)
+from okta_agent_proxy.config_loader import LoadedConfig
+from okta_agent_proxy.inbound.agents import AgentDirectory
+from okta_agent_proxy.inbound.jwks import JwksCache
+from okta_agent_proxy.inbound.validator import OktaTokenValidator
+from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
+from okta_agent_proxy.mcp.sessions import SessionBindings
+from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.observability.recorder import AuditSink, RequestRecorder
+from okta_agent_proxy.outbound import static
+from okta_agent_proxy.outbound.base import CredentialProvider
+from okta_agent_proxy.outbound.cache import CachingProvider
+from okta_agent_proxy.outbound.cross_app import CrossAppProvider
+from okta_agent_proxy.outbound.discovery import AuthServerDiscovery
+from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
+from okta_agent_proxy.pipeline import InboundIdentity, Pipeline
+from okta_agent_proxy.routing import BackendRouter
+
+log = get_logger(__name__)
+
+
+async def _warm_jwks(validator: OktaTokenValidator) -> None:
+    try:
+        await validator.warm()
+    except Exception as exc:  # logged, not fatal: the gateway answers 503 until the IdP is back
+        log.warning("jwks_warmup_failed", reason=type(exc).__name__)
+
+
+def credential_provider(
+    name: str, backend: Backend, loaded: LoadedConfig, client: TokenEndpointClient, discovery: AuthServerDiscovery
+) -> CredentialProvider:
+    if isinstance(backend, PreSharedKeyBackend):
+        return static.pre_shared_key(backend.auth_config)
+    if isinstance(backend, ServiceAccountBackend):
+        return static.service_account(backend.auth_config)
+    assert isinstance(backend, CrossAppBackend)
+    settings = loaded.settings
+    if not settings.OKTA_DOMAIN or not settings.OKTA_ISSUER:
+        return static.UnavailableProvider(
+            "okta-cross-app", "Cross App Access needs OKTA_DOMAIN and OKTA_ISSUER, which are not set"
+        )
+    return CachingProvider(
+        CrossAppProvider(
+            name, backend, loaded.config.agents, okta_domain=settings.OKTA_DOMAIN, client=client, discovery=discovery
+        )
+    )
+
+
+def build_validator(loaded: LoadedConfig, idp_session: aiohttp.ClientSession) -> OktaTokenValidator | None:
+    settings = loaded.settings
+    if not settings.OKTA_ISSUER:
+        return None
+    jwks = JwksCache(idp_session, settings.OKTA_ISSUER, settings.OKTA_JWKS_URI)
+    return OktaTokenValidator(
+        jwks, settings.OKTA_ISSUER, accepted_audiences(loaded), leeway=settings.JWT_LEEWAY_SECONDS
+    )
+
+
+def accepted_audiences(loaded: LoadedConfig) -> tuple[str, ...]:
+    """`OKTA_AUDIENCE` when set; else the gateway's URL and every backend route's resource URL — what the metadata
+    advertises, so a client that asks its AS for the advertised `resource` (RFC 8707) gets an accepted token."""
+    settings = loaded.settings
+    if settings.OKTA_AUDIENCE:
+        return settings.audiences
+    base = settings.base_url
+    routes = (base + path for backend in loaded.config.backends.values() for path in backend.paths if path != "/")
+    return (base, *dict.fromkeys(routes))
+
+
+def scopes_by_backend(config: GatewayConfig) -> dict[str, frozenset[str]]:
+    """The scopes a caller may need for each backend: its agents' scopes, its own and its methods'."""
+    result = {}
+    for name, backend in config.backends.items():
+        scopes = set(backend.required_scopes)
+        for method_scopes in backend.method_scopes.values():
+            scopes.update(method_scopes)
+        for agent in config.agents.values():
+            if name in agent.backend_access:
+                scopes.update(agent.scopes)
+        result[name] = frozenset(scopes)
+    return result
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_pipeline(
+    loaded: LoadedConfig,
+    pool: UpstreamPool,
+    inbound: InboundIdentity | None,
+    idp_session: aiohttp.ClientSession,
+    audit: AuditSink | None = None,
+) -> Pipeline:
+    config: GatewayConfig = loaded.config
+    client = TokenEndpointClient(idp_session)
+    discovery = AuthServerDiscovery(client)
+    return Pipeline(
+        inbound=inbound,
+        settings=loaded.settings,
+        router=BackendRouter(config),
+        providers={
+            name: credential_provider(name, backend, loaded, client, discovery)
+            for name, backend in config.backends.items()
+        },
+        forwarder=Forwarder(pool),
+        recorder=RequestRecorder(audit, replica=replica_id(), record_arguments=config.audit.record_arguments),
+        extra_headers={
+            name: frozenset(h.lower() for h in backend.forward_headers) for name, backend in config.backends.items()
+        },
+    )
+
+
+@dataclass
+class Generation:
+    loaded: LoadedConfig
+    pool: UpstreamPool
+    pipeline: Pipeline
+    scopes: dict[str, frozenset[str]]
+    all_scopes: frozenset[str]
+    active: int = 0
+    retired: bool = False
+
+
+class Gateway:
+    """Serves requests with the current generation; `reload` replaces it."""
+
+    def __init__(self, loaded: LoadedConfig, *, audit: AuditSink | None = None) -> None:
+        self.settings = loaded.settings
+        self._audit = audit
+        self._idp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        self.validator = build_validator(loaded, self._idp_session)
+        self._sessions = SessionBindings()
+        self._background: set[asyncio.Future[None]] = set()
+        self.current = self._generation(loaded)
+
+    def _generation(self, loaded: LoadedConfig) -> Generation:
+        inbound = None
+        if self.validator is not None:
+            agents = AgentDirectory(loaded.config.agents, mode=self.settings.AGENT_IDENTIFICATION)
+            inbound = InboundIdentity(self.validator, agents, self._sessions)
+        pool = UpstreamPool(loaded.config.backends)
+        scopes = scopes_by_backend(loaded.config)
+        pipeline = build_pipeline(loaded, pool, inbound, self._idp_session, self._audit)
+        return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
+
+    async def start(self) -> None:
+        await self.current.pool.start()
+        if self.validator is not None:
+            # Fetch the keys now so the first request does not wait and /readyz turns ready; a failure is retried on
+            # demand by the first request that needs a key.
+            self._spawn(_warm_jwks(self.validator))
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await self.current.pool.close()
+        await self._idp_session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        generation = self.current
+        generation.active += 1
+        try:
+            return await generation.pipeline.handle(request)
+        finally:
+            generation.active -= 1
+            if generation.retired and generation.active == 0:
+                self._spawn(generation.pool.close())
+
+    async def reload(self, loaded: LoadedConfig) -> None:
+        """Swap in a new generation built from `loaded` (already validated)."""
+        generation = self._generation(loaded)
+        await generation.pool.start()
+        old, self.current = self.current, generation
+        if self.validator is not None:
+            self.validator.set_audiences(accepted_audiences(loaded))
+        old.retired = True
+        if old.active == 0:
+            await old.pool.close()
+        log.info("config_reloaded", backends=sorted(loaded.config.backends), agents=sorted(loaded.config.agents))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
