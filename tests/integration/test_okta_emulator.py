@@ -326,7 +326,7 @@ async def test_close_does_not_wait_for_a_slow_jwks_answer(http: aiohttp.ClientSe
     idp.set_jwks_mode("slow")
     pending = asyncio.ensure_future(http.get(idp.jwks_uri(GATEWAY)))
     async with asyncio.timeout(10):
-        while not idp.jwks_fetches[GATEWAY]:  # noqa: ASYNC110 - the server's own counter, polled under a deadline
+        while not idp.jwks_fetches[GATEWAY]:
             await asyncio.sleep(0.01)
         await idp.close()
     with pytest.raises(aiohttp.ClientError):

@@ -655,7 +655,7 @@ async def test_close_does_not_wait_for_a_slow_token_answer() -> None:
         idp.set_token_endpoint_mode("slow")
         pending = asyncio.ensure_future(http.post(idp.token_endpoint(ORG), data={"grant_type": TOKEN_EXCHANGE}))
         async with asyncio.timeout(10):
-            while not idp.token_requests[ORG]:  # noqa: ASYNC110 - the server's own counter, polled under a deadline
+            while not idp.token_requests[ORG]:
                 await asyncio.sleep(0.01)
             await idp.close()
         with pytest.raises(aiohttp.ClientError):
