@@ -96,7 +96,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack(*, mode: str = "static", register_public_jwk: dict[str, Any] | None = None) -> AsyncIterator[Stack]:
+async def stack(
+    *, mode: str = "static", register_public_jwk: dict[str, Any] | None = None, subject: str = "access_token"
+) -> AsyncIterator[Stack]:
     private_jwk, public_jwk = agent_key()
     servers = [
         AuthorizationServer(GATEWAY_AS, AUDIENCE),
@@ -117,6 +119,8 @@ async def stack(*, mode: str = "static", register_public_jwk: dict[str, Any] | N
         backend.resource = f"http://127.0.0.1:{port}/mcp"
         backend.serve_prm = mode == "dynamic"
         auth_config: dict[str, Any] = {"id_jag_mode": mode, "scopes": ["employees:read"]}
+        if subject == "id_token":
+            auth_config |= {"subject_token": "id_token", "id_token_header": "X-Id-Token"}
         if mode == "static":
             auth_config |= {
                 "target_authorization_server": idp.issuer(BACKEND_AS),
@@ -228,3 +232,17 @@ async def test_dynamic_mode_discovers_the_backends_authorization_server() -> Non
         status, body, _ = await s.call()
         assert status == 200, body
         assert s.idp.xaa.jwt_bearer_grants == 1
+
+
+async def test_id_token_subject_from_the_configured_header() -> None:
+    async with stack(subject="id_token") as s:
+        headers = {**ACCEPT, "Authorization": f"Bearer {s.token()}"}
+        async with s.http.post(s.gateway.url("/employees"), data=LIST, headers=headers) as response:
+            assert response.status == 401  # the ID token is required and missing
+            assert (await response.json())["error"] == "invalid_token"
+        id_token = s.idp.mint_id_token(GATEWAY_AS, user=ALICE, client_id=CURSOR)
+        headers["X-Id-Token"] = id_token
+        async with s.http.post(s.gateway.url("/employees"), data=LIST, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["result"]["sub"] == ALICE.login
+        assert id_token not in s.backend.caller_tokens_seen

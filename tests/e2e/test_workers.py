@@ -1,0 +1,65 @@
+"""`serve --workers 2`: two processes on one port, and /metrics counts every request whichever worker served it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.backends import running_backend
+from tests.support.gateway import gateway_config, gateway_process, psk_backend
+
+pytestmark = pytest.mark.slow
+BODY = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {}})
+HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+REQUESTS = 60
+
+
+def requests_total(text: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "oap_requests"
+        for sample in family.samples
+        if sample.name == "oap_requests_total" and sample.labels.get("backend") == "a"
+    )
+
+
+def replicas(database: Path) -> set[str]:
+    with sqlite3.connect(database) as connection:
+        return {row[0] for row in connection.execute("SELECT replica FROM audit_events")}
+
+
+async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> None:
+    database = tmp_path / "audit.db"
+    async with running_backend() as backend:
+        config = gateway_config(a=psk_backend(backend.url("/mcp"), "/a"))
+        settings = {"DATABASE_URL": f"sqlite:///{database}"}
+        with gateway_process(config, settings=settings, workers=2) as gateway:
+            # Fresh connections each time, so the kernel spreads them over both workers.
+            for _ in range(REQUESTS):
+                async with (
+                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                    http.post(gateway.url("/a"), data=BODY, headers=HEADERS) as response,
+                ):
+                    assert response.status == 200
+            assert len({record.headers.get("X-Request-ID") for record in backend.requests}) == REQUESTS
+            totals = set()
+            for _ in range(6):
+                async with (
+                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                    http.get(gateway.url("/metrics")) as response,
+                ):
+                    totals.add(requests_total(await response.text()))
+                await asyncio.sleep(0)
+            assert totals == {REQUESTS}
+            deadline = time.monotonic() + 10
+            while len(replicas(database)) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert len(replicas(database)) == 2  # both workers served, each writing its own audit rows
