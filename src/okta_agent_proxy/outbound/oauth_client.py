@@ -103,22 +103,7 @@ class TokenEndpointClient:
 
     async def request_token(self, token_endpoint: str, params: Mapping[str, str], auth: ClientAuth) -> TokenResponse:
         fields, headers = self.authenticate(token_endpoint, auth)
-        form = {**params, **fields}
-        try:
-            async with self._session.post(
-                token_endpoint,
-                data=form,
-                headers={"Accept": "application/json", **headers},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                allow_redirects=False,
-            ) as response:
-                body = await response.content.read(_MAX_RESPONSE_BYTES + 1)
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TokenEndpointUnavailable(f"POST {token_endpoint} failed: {type(exc).__name__}") from None
-        if status >= 500:
-            raise TokenEndpointUnavailable(f"POST {token_endpoint} answered {status}")
-        document = _json_object(body)
+        status, document = await self._exchange("POST", token_endpoint, headers, {**params, **fields})
         if status != 200:
             error = document.get("error") if document else None
             description = document.get("error_description") if document else None
@@ -127,23 +112,31 @@ class TokenEndpointClient:
         return _token_response(document, self._clock())
 
     async def fetch_metadata(self, url: str) -> dict[str, Any]:
+        status, document = await self._exchange("GET", url, {}, None)
+        if status != 200 or document is None:
+            raise TokenEndpointError(status, "invalid_metadata", f"GET {url} answered {status}")
+        return document
+
+    async def _exchange(
+        self, method: str, url: str, headers: Mapping[str, str], form: Mapping[str, str] | None
+    ) -> tuple[int, dict[str, Any] | None]:
+        """(status, JSON object or None); TokenEndpointUnavailable on transport failure, timeout or 5xx."""
         try:
-            async with self._session.get(
+            async with self._session.request(
+                method,
                 url,
-                headers={"Accept": "application/json"},
+                data=form,
+                headers={"Accept": "application/json", **headers},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 allow_redirects=False,
             ) as response:
                 body = await response.content.read(_MAX_RESPONSE_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TokenEndpointUnavailable(f"GET {url} failed: {type(exc).__name__}") from None
+            raise TokenEndpointUnavailable(f"{method} {url} failed: {type(exc).__name__}") from None
         if status >= 500:
-            raise TokenEndpointUnavailable(f"GET {url} answered {status}")
-        document = _json_object(body)
-        if status != 200 or document is None:
-            raise TokenEndpointError(status, "invalid_metadata", f"GET {url} answered {status}")
-        return document
+            raise TokenEndpointUnavailable(f"{method} {url} answered {status}")
+        return status, _json_object(body)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
