@@ -1,4 +1,4 @@
-"""The `okta-agent-proxy` command: serve, check, config-schema, demo."""
+"""The `okta-agent-proxy` command: serve, check, config-schema, demo, audit, doctor, keys."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from okta_agent_proxy import __version__
 from okta_agent_proxy.audit_command import audit_command
 from okta_agent_proxy.config import config_schema
 from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.doctor import doctor_command
+from okta_agent_proxy.keys_command import keys_group
 from okta_agent_proxy.observability.logging import configure, get_logger
 from okta_agent_proxy.settings import is_loopback_host
 
@@ -181,6 +183,8 @@ def demo_idp(port: int, audience: str) -> None:
 
 
 cli.add_command(audit_command)
+cli.add_command(doctor_command)
+cli.add_command(keys_group)
 
 
 def main() -> None:
