@@ -117,8 +117,10 @@ async def run_until_stopped(
         await migrate(database_url)  # serialised across replicas inside `migrate`
     store = await open_store(database_url)
     try:
-        audit = store.writer(loaded.config.audit)
-        await audit.start()
+        audit: AuditWriter | None = None
+        if loaded.settings.AUDIT_ENABLED:
+            audit = store.writer(loaded.config.audit)
+            await audit.start()
         if loaded.source_hash is not None:
             await save_config(store.engine, loaded.config, file_hash=loaded.source_hash, source=loaded.source)
         app = build_app(loaded, store=store, audit=audit)

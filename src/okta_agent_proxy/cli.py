@@ -152,9 +152,15 @@ def check(config: str | None, env_file: str) -> None:
 
 
 @cli.command("config-schema")
-def config_schema_command() -> None:
+@click.option("--markdown", is_flag=True, help="The reference tables of env variables and YAML keys instead.")
+def config_schema_command(markdown: bool) -> None:
     """Print the JSON Schema of config.yaml."""
-    click.echo(json.dumps(config_schema(), indent=2))
+    if markdown:
+        from okta_agent_proxy.config_reference import reference_markdown
+
+        click.echo(reference_markdown(), nl=False)
+    else:
+        click.echo(json.dumps(config_schema(), indent=2))
 
 
 @cli.group(invoke_without_command=True)

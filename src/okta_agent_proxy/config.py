@@ -112,8 +112,8 @@ class PreSharedKeyAuth(Strict):
 class ServiceAccountAuth(Strict):
     """HTTP Basic with a service account's username and password."""
 
-    username: str = Field(min_length=1)
-    password: SecretStr
+    username: str = Field(min_length=1, description="Service account user name (HTTP Basic).")
+    password: SecretStr = Field(description="Its password; prefer ${ENV} or {file: …}.")
 
     @field_validator("username")
     @classmethod
@@ -126,20 +126,34 @@ class ServiceAccountAuth(Strict):
 class CrossAppAuth(Strict):
     """Okta Cross App Access: ID-JAG from Okta (RFC 8693), then the JWT-bearer grant (RFC 7523) at the backend AS."""
 
-    id_jag_mode: Literal["static", "dynamic"] = "static"
+    id_jag_mode: Literal["static", "dynamic"] = Field(
+        "static", description="static: the target AS from this config; dynamic: discovered (RFC 9728, RFC 8414)."
+    )
     target_authorization_server: Annotated[str, AfterValidator(_authority_url)] | None = Field(
         None, description="Issuer of the backend's authorization server (the ID-JAG audience)."
     )
-    target_token_endpoint: Annotated[str, AfterValidator(_authority_url)] | None = None
-    target_client_id: str | None = Field(None, min_length=1)
-    target_client_secret: SecretStr | None = None
-    scopes: tuple[Scope, ...] = ()
+    target_token_endpoint: Annotated[str, AfterValidator(_authority_url)] | None = Field(
+        None, description="Token endpoint of the backend's AS (step 2: the JWT-bearer grant)."
+    )
+    target_client_id: str | None = Field(
+        None, min_length=1, description="The gateway's client id at the backend's AS (default: the agent's)."
+    )
+    target_client_secret: SecretStr | None = Field(
+        None, description="With target_client_id: client_secret_basic at the backend's AS instead of the agent key."
+    )
+    scopes: tuple[Scope, ...] = Field((), description="Scopes requested at steps 1 and 2 (custom scopes only).")
     resource: Annotated[str, AfterValidator(_backend_url)] | None = Field(
         None, description="RFC 8707 resource of the backend (default: its url)."
     )
-    client_assertion_audience: Literal["token_endpoint", "issuer"] = "token_endpoint"
-    subject_token: Literal["access_token", "id_token"] = "access_token"
-    id_token_header: HeaderName | None = None
+    client_assertion_audience: Literal["token_endpoint", "issuer"] = Field(
+        "token_endpoint", description="`aud` of client assertions: the token URL (Okta) or the AS issuer (rfc7523bis)."
+    )
+    subject_token: Literal["access_token", "id_token"] = Field(
+        "access_token", description="What step 1 exchanges: the caller's access token, or an ID token it supplies."
+    )
+    id_token_header: HeaderName | None = Field(
+        None, description="The request header that carries the ID token (subject_token: id_token)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CrossAppAuth:
@@ -216,7 +230,7 @@ class Agent(Strict):
     ] = Field(None, description="PEM (PKCS#8) or JWK private key; prefer ${ENV} or {file: …}.")
     scopes: tuple[Scope, ...] = Field(("mcp:read",), description="Scopes every caller token must carry.")
     backend_access: tuple[str, ...] = Field((), description="Backends this agent may reach (deny by default).")
-    enabled: bool = True
+    enabled: bool = Field(True, description="A disabled agent is denied everything (403).")
 
     _parse_key = field_validator("private_key", mode="before")(_signing_key)
 
@@ -227,9 +241,11 @@ class Agent(Strict):
 
 class AuditConfig(Strict):
     record_arguments: bool = Field(False, description="Record tool-call arguments in audit rows.")
-    queue_size: int = Field(10_000, ge=1, le=10_000_000)
-    when_full: Literal["drop", "block"] = "drop"
-    retention_days: int = Field(90, ge=1)
+    queue_size: int = Field(10_000, ge=1, le=10_000_000, description="Audit events waiting to be written, at most.")
+    when_full: Literal["drop", "block"] = Field(
+        "drop", description="A full queue drops the event (counted in a metric) or makes the request wait."
+    )
+    retention_days: int = Field(90, ge=1, description="Rows older than this are deleted.")
 
 
 class GatewayConfig(Strict):

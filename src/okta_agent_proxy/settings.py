@@ -61,25 +61,71 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, case_sensitive=True
     )
 
-    OKTA_DOMAIN: str | None = Field(None, description="The Okta org, with or without scheme (none → https).")
-    OKTA_ISSUER: str | None = Field(None, description="Issuer of inbound access tokens (a custom AS).")
-    OKTA_AUDIENCE: str | None = Field(None, description="Comma-separated accepted `aud` values.")
-    OKTA_JWKS_URI: str | None = Field(None, description="JWKS URL; else from the issuer's metadata.")
+    OKTA_DOMAIN: str | None = Field(
+        None,
+        description=(
+            "The Okta org, with or without scheme (none → https); Cross App Access step 1 goes to "
+            "{OKTA_DOMAIN}/oauth2/v1/token."
+        ),
+    )
+    OKTA_ISSUER: str | None = Field(
+        None,
+        description=(
+            "Issuer of the caller tokens accepted: a custom AS …/oauth2/<id>. Unset: nobody is "
+            "authenticated and serve listens on loopback only."
+        ),
+    )
+    OKTA_AUDIENCE: str | None = Field(
+        None,
+        description=(
+            "Comma-separated accepted `aud` values (default: GATEWAY_BASE_URL and GATEWAY_BASE_URL + "
+            "each backend path)."
+        ),
+    )
+    OKTA_JWKS_URI: str | None = Field(
+        None,
+        description=(
+            "The issuer's keys (default: from {OKTA_ISSUER}/.well-known/oauth-authorization-server, then "
+            "…/openid-configuration)."
+        ),
+    )
     OKTA_CLIENT_ID: str | None = Field(None, description="The gateway's own Okta app (reserved).")
     OKTA_CLIENT_SECRET: SecretStr | None = Field(None, description="The gateway's own Okta app secret (reserved).")
     GATEWAY_BASE_URL: str | None = Field(None, description="Public URL (default http://localhost:{port}).")
     GATEWAY_HOST: str = Field("127.0.0.1", description="Bind address.")
     GATEWAY_PORT: int = Field(8000, ge=0, le=65535, description="Listen port.")
-    ALLOWED_HOSTS: str | None = Field(None, description="Comma-separated `Host` values accepted; others → 421.")
-    ALLOWED_ORIGINS: str | None = Field(None, description="Comma-separated `Origin` values accepted; others → 403.")
+    ALLOWED_HOSTS: str | None = Field(
+        None,
+        description=(
+            "Comma-separated `Host` values accepted, a port optional (default: host of GATEWAY_BASE_URL, "
+            "localhost, 127.0.0.1, [::1]); others → 421."
+        ),
+    )
+    ALLOWED_ORIGINS: str | None = Field(
+        None,
+        description=(
+            "Comma-separated `Origin` values accepted when the header is sent (default: origin of "
+            "GATEWAY_BASE_URL); others → 403."
+        ),
+    )
     MAX_BODY_BYTES: int = Field(4 * 1024 * 1024, gt=0, description="Request body limit; larger → 413.")
     JWT_LEEWAY_SECONDS: int = Field(60, ge=0, le=600, description="Clock skew for exp/nbf/iat.")
-    AGENT_IDENTIFICATION: Literal["token", "header"] = Field("token", description="How the agent is identified.")
+    AGENT_IDENTIFICATION: Literal["token", "header"] = Field(
+        "token",
+        description=(
+            "token: the agent whose inbound_client_ids hold the token's cid; header: X-Agent-ID alone "
+            "(experiments only, logged on every request)."
+        ),
+    )
     CONFIG_PATH: str = Field("config/config.yaml", description="The YAML of backends and agents.")
-    DATABASE_URL: str = Field("sqlite:///./data/okta-agent-proxy.db", description="Audit and config store.")
-    REDIS_URL: str | None = Field(None, description="Shared caches across replicas (optional).")
+    DATABASE_URL: str = Field(
+        "sqlite:///./data/okta-agent-proxy.db",
+        description="Audit and config store: sqlite:///path or postgresql://… (the async driver is chosen for you).",
+    )
+    AUDIT_ENABLED: bool = Field(True, description="Write an audit row per request (false: no audit writer).")
+    REDIS_URL: str | None = Field(None, description="Reserved for shared state across replicas; unused today.")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
-    LOG_FORMAT: Literal["json", "console"] = Field("json", description="Log format.")
+    LOG_FORMAT: Literal["json", "console"] = Field("json", description="json (one object per line) or console.")
 
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
