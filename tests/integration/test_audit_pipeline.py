@@ -619,11 +619,6 @@ async def test_a_parse_error_row_counts_the_bytes_read(tmp_path: Path) -> None:
         assert (row["outcome"], row["bytes_in"]) == ("parse_error", len(raw))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: oap_jwks_fetches (metrics.JWKS_REFRESHES) is declared but nothing increments it "
-    "(inbound/jwks.py JwksCache._fetch never counts a fetch)",
-)
 async def test_metrics_count_jwks_fetches(tmp_path: Path) -> None:
     async with database_url("sqlite", tmp_path) as url, stack(url) as s:
         assert (await s.post("/partners", s.token())).status == 200  # the keys were fetched

@@ -25,6 +25,7 @@ from jwt.exceptions import PyJWKError
 
 from okta_agent_proxy.errors import IdpUnavailable
 from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.observability.metrics import JWKS_REFRESHES
 
 log = get_logger(__name__)
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
@@ -170,10 +171,15 @@ class JwksCache:
 
     async def _fetch(self) -> None:
         self.fetch_count += 1
-        uri = self._jwks_uri or await self._discover_jwks_uri()
-        keys = parse_jwks(await fetch_json(self._session, uri, self._fetch_timeout))
-        if not keys:
-            raise JwksFetchError("JWKS contains no usable signing key")
+        try:
+            uri = self._jwks_uri or await self._discover_jwks_uri()
+            keys = parse_jwks(await fetch_json(self._session, uri, self._fetch_timeout))
+            if not keys:
+                raise JwksFetchError("JWKS contains no usable signing key")
+        except JwksFetchError:
+            JWKS_REFRESHES.labels("error").inc()
+            raise
+        JWKS_REFRESHES.labels("ok").inc()
         self._keys = keys
         self._fetched_at = self._clock()
         log.info("jwks_fetched", issuer=self._issuer, kids=sorted(keys))
