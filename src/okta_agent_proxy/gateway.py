@@ -10,6 +10,7 @@ ends — so a reload drops nothing in flight. A config that does not load is ref
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import Coroutine
@@ -44,6 +45,22 @@ from okta_agent_proxy.pipeline import InboundIdentity, Pipeline
 from okta_agent_proxy.routing import BackendRouter
 
 log = get_logger(__name__)
+
+
+_frozen = False
+
+
+def _freeze_long_lived() -> None:
+    """Take what is alive now — modules, settings, config, the first generation — out of the cyclic collector's
+    view, once per process. A serving process keeps these to the end, and the steady flow of per-request objects
+    triggers full collections that would otherwise re-scan all of them each time: pauses of tens of ms (the p99)
+    and several % of the CPU under load. Collected first, so no garbage is kept; objects made later (requests,
+    later generations) are collected as usual."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 async def _warm_jwks(validator: OktaTokenValidator) -> None:
@@ -173,6 +190,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.current.pool.start()
+        _freeze_long_lived()
         if self.validator is not None:
             # Fetch the keys now so the first request does not wait and /readyz turns ready; a failure is retried on
             # demand by the first request that needs a key.

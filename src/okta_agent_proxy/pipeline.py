@@ -11,11 +11,12 @@ started, the forwarder ends it (an SSE error event, or an aborted connection for
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import yarl
 from aiohttp import web
 
 from okta_agent_proxy.config import CrossAppBackend
@@ -43,14 +44,33 @@ from okta_agent_proxy.mcp.sessions import SessionBindings, SessionOwner
 from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.observability.recorder import CLIENT_CLOSED, Outcome, RequestRecorder
 from okta_agent_proxy.outbound.base import CredentialProvider, CredentialRequest
+from okta_agent_proxy.outbound.static import StaticProvider
 from okta_agent_proxy.policy.authz import authorize
-from okta_agent_proxy.routing import BackendRouter
+from okta_agent_proxy.routing import BackendRouter, Route
 from okta_agent_proxy.settings import Settings, normalize_origin
 
 log = get_logger(__name__)
 FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _READ_CHUNK = 64 * 1024
+_MEMO_MAX = 1024  # entries in each per-generation memo keyed by what a client sends (Host, path): bounded
+_NOT_ANSWERED = Outcome(CLIENT_CLOSED, "client_closed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    """What the forward step needs for one backend, worked out once per config generation."""
+
+    provider: CredentialProvider
+    extra_headers: frozenset[str]  # lower-cased `forward_headers`
+    # A static credential ignores who is calling: one request object serves every call (None: build one per call).
+    static_request: CredentialRequest | None
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteEntry:
+    route: Route | None  # None: no backend serves this path (or it has dot segments)
+    url: yarl.URL | None  # the upstream URL when the request has no query string
 
 
 @dataclass(frozen=True)
@@ -62,21 +82,41 @@ class Pipeline:
     extra_headers: dict[str, frozenset[str]]  # per backend: lower-cased `forward_headers`
     recorder: RequestRecorder
     inbound: InboundIdentity | None = None
+    # Derived once per generation (see __post_init__); the memos fill up with what clients send, up to _MEMO_MAX.
+    _upstreams: dict[str, _Upstream] = field(init=False, repr=False, compare=False)
+    _routes: dict[str, _RouteEntry] = field(init=False, repr=False, compare=False)
+    _hosts: dict[str, bool] = field(init=False, repr=False, compare=False)
+    _allowed: set[tuple[str, str, frozenset[str], str | None]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        upstreams = {
+            name: _Upstream(
+                provider,
+                self.extra_headers[name],
+                CredentialRequest(backend=name) if isinstance(provider, StaticProvider) else None,
+            )
+            for name, provider in self.providers.items()
+        }
+        object.__setattr__(self, "_upstreams", upstreams)
+        object.__setattr__(self, "_routes", {})
+        object.__setattr__(self, "_hosts", {})
+        object.__setattr__(self, "_allowed", set())
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         exchange = Exchange(_request_id(request), time.perf_counter(), request.method, request.path[:2048])
-        outcome = Outcome(CLIENT_CLOSED, "client_closed")  # unless we get to answer
+        outcome = _NOT_ANSWERED  # unless we get to answer
         try:
-            check_edge(request, self.settings)
-            route_request(request, exchange, self.router)
+            self.check_edge(request)
+            url = self.route(request, exchange)
             if self.inbound is not None:
                 await authenticate(request, exchange, self.inbound)
                 identify_agent(request, exchange, self.inbound)
-            await read_and_inspect(request, exchange, self.settings.MAX_BODY_BYTES)
+            if request.method == "POST":
+                await read_and_inspect(request, exchange, self.settings.MAX_BODY_BYTES)
             if self.inbound is not None:
-                authorize_request(exchange)
+                self.authorize(exchange)
                 check_session(request, exchange, self.inbound.sessions)
-            response = await self.forward(request, exchange)
+            response = await self.forward(request, exchange, url)
             code = exchange.relay.failure or ("ok" if response.status < 400 else f"upstream_{response.status}")
             outcome = Outcome(response.status, code)
             return response
@@ -97,19 +137,65 @@ class Pipeline:
             if exchange.route is not None:  # DESIGN.md §4: backend routes only
                 await self.recorder.finish(exchange, outcome)
 
-    async def forward(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    def check_edge(self, request: web.Request) -> None:
+        """`check_edge`, with the verdict on each `Host` value remembered."""
+        headers = request.headers
+        host = headers.get("Host", "")
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            allowed = host_allowed(host, self.settings.allowed_hosts)
+            if len(self._hosts) < _MEMO_MAX:
+                self._hosts[host] = allowed
+        if not allowed:
+            raise MisdirectedRequest("this gateway does not serve the requested host")
+        origin = headers.get("Origin")
+        if origin is not None:
+            check_origin(origin, self.settings)
+
+    def authorize(self, exchange: Exchange) -> None:
+        """`authorize_request`, with the allowed combinations of agent, backend, scopes and MCP method remembered
+        (within a generation the agent and backend behind a name do not change); a denial is worked out each time."""
+        assert exchange.agent is not None and exchange.route is not None and exchange.principal is not None
+        method = exchange.message.method if exchange.message is not None else None
+        key = (exchange.agent.name, exchange.route.name, exchange.principal.scopes, method)
+        if key not in self._allowed:
+            authorize_request(exchange)
+            if len(self._allowed) < _MEMO_MAX:
+                self._allowed.add(key)
+
+    def route(self, request: web.Request, exchange: Exchange) -> yarl.URL | None:
+        """`route_request`, with the route of each path remembered; returns the upstream URL if the request has no
+        query string (None: build it from the query)."""
+        raw_path = request.raw_path
+        path, has_query, _ = raw_path.partition("?")
+        entry = self._routes.get(path)
+        if entry is None:
+            route = find_route(request, self.router)
+            url = yarl.URL(route.upstream_url(""), encoded=True) if route is not None else None
+            entry = _RouteEntry(route, url)
+            if len(self._routes) < _MEMO_MAX:
+                self._routes[path] = entry
+        if entry.route is None:
+            raise NotFound(f"no backend serves {request.path[:200]}")
+        check_method(request)
+        exchange.route = entry.route
+        return None if has_query else entry.url
+
+    async def forward(
+        self, request: web.Request, exchange: Exchange, url: yarl.URL | None = None
+    ) -> web.StreamResponse:
         route = exchange.route
         assert route is not None
-        provider = self.providers[route.name]
-        credential_request = credential_request_for(request, exchange)
+        upstream = self._upstreams[route.name]
+        provider = upstream.provider
+        credential_request = upstream.static_request or credential_request_for(request, exchange)
         exchange.credential_method = provider.method
         credential = exchange.credential = await provider.get(credential_request)
-        url = route.upstream_url(request.rel_url.raw_query_string)
-        headers = upstream_headers(
-            request.headers, self.extra_headers[route.name], credential.headers, exchange.request_id
-        )
+        target = url if url is not None else route.upstream_url(request.rel_url.raw_query_string)
+        headers = upstream_headers(request.headers, upstream.extra_headers, credential.headers, exchange.request_id)
+        method = request.method
         sent = time.perf_counter()
-        response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
+        response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
         if response.status == 401 and credential.refreshable:
             # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
             response.close()
@@ -117,7 +203,7 @@ class Pipeline:
             credential = exchange.credential = await provider.get(credential_request)
             headers.update(credential.headers)
             sent = time.perf_counter()
-            response = await self.forwarder.open(route.name, route.backend, request.method, url, headers, exchange.body)
+            response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
         exchange.relay.upstream_headers_seconds = time.perf_counter() - sent
         exchange.upstream_status = response.status
         if self.inbound is not None:
@@ -224,11 +310,14 @@ def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
         )
 
 
+_random_bits = random.getrandbits  # request ids must be unique, not secret: a client may choose its own
+
+
 def _request_id(request: web.Request) -> str:
     supplied = request.headers.get("X-Request-ID")
     if supplied and _REQUEST_ID.match(supplied):
         return supplied
-    return secrets.token_hex(16)
+    return f"{_random_bits(128):032x}"
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
@@ -245,20 +334,34 @@ def check_edge(request: web.Request, settings: Settings) -> None:
     if not host_allowed(request.headers.get("Host", ""), settings.allowed_hosts):
         raise MisdirectedRequest("this gateway does not serve the requested host")
     origin = request.headers.get("Origin")
-    if origin is not None and normalize_origin(origin) not in settings.allowed_origins:
+    if origin is not None:
+        check_origin(origin, settings)
+
+
+def check_origin(origin: str, settings: Settings) -> None:
+    if normalize_origin(origin) not in settings.allowed_origins:
         raise ForbiddenOrigin("requests from this origin are not allowed")
 
 
-def route_request(request: web.Request, exchange: Exchange, router: BackendRouter) -> None:
+def find_route(request: web.Request, router: BackendRouter) -> Route | None:
+    """The backend route for the request's path; None for none, or for a path with `.` or `..` segments."""
     path = request.raw_path.split("?", 1)[0]
     segments = request.path.split("/")
-    route = None if ".." in segments or "." in segments else router.match(path)
-    if route is None:
-        raise NotFound(f"no backend serves {request.path[:200]}")
+    return None if ".." in segments or "." in segments else router.match(path)
+
+
+def check_method(request: web.Request) -> None:
     if request.method not in FORWARDED_METHODS:
         raise MethodNotAllowed(
             f"{request.method} is not supported on MCP routes", headers={"Allow": "GET, POST, DELETE"}
         )
+
+
+def route_request(request: web.Request, exchange: Exchange, router: BackendRouter) -> None:
+    route = find_route(request, router)
+    if route is None:
+        raise NotFound(f"no backend serves {request.path[:200]}")
+    check_method(request)
     exchange.route = route
 
 

@@ -61,14 +61,27 @@ class ConfigReloader:
             return True
 
     async def watch(self) -> None:
-        """Reload whenever the file's bytes change; runs until cancelled."""
+        """Reload whenever the file's bytes change and then stay the same for a moment; runs until cancelled.
+
+        The pause matters: an editor or `>` truncates the file before writing it, and a half-written file may well
+        be valid YAML (an empty one is: no backends) — applying it would take every route down for a moment."""
         assert self._loaded.source is not None
         path = Path(self._loaded.source)
         while True:
             await asyncio.sleep(self._poll)
-            try:
-                digest = hashlib.sha256(await asyncio.to_thread(path.read_bytes)).hexdigest()
-            except OSError:
-                continue  # mid-replace, or gone for a moment: look again next time
-            if digest != self._loaded.source_hash:
+            digest = await _digest(path)
+            if digest is None or digest == self._loaded.source_hash:
+                continue
+            await asyncio.sleep(SETTLE_SECONDS)
+            if await _digest(path) == digest:
                 await self.reload("file changed")
+
+
+SETTLE_SECONDS = 0.5
+
+
+async def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(await asyncio.to_thread(path.read_bytes)).hexdigest()
+    except OSError:
+        return None  # mid-replace, or gone for a moment: look again next time

@@ -99,17 +99,38 @@ class UpstreamPool:
         return self._sessions[backend_name]
 
 
+_MEMO_MAX = 1024  # header names remembered below: names come from clients and backends, so the memo is bounded
+_REQUEST_NAMES: dict[str, tuple[str, bool]] = {}  # name as sent → (lower-cased, on the fixed allow-list)
+_RESPONSE_NAMES: dict[str, bool] = {}  # name as sent → passed to the client
+
+
+def _request_name(name: str) -> tuple[str, bool]:
+    lower = name.lower()
+    verdict = (lower, lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-"))
+    if len(_REQUEST_NAMES) < _MEMO_MAX:
+        _REQUEST_NAMES[name] = verdict
+    return verdict
+
+
+def _response_name(name: str) -> bool:
+    verdict = name.lower() not in _DROPPED_RESPONSE_HEADERS
+    if len(_RESPONSE_NAMES) < _MEMO_MAX:
+        _RESPONSE_NAMES[name] = verdict
+    return verdict
+
+
 def upstream_headers(
     incoming: CIMultiDictProxy[str],
     extra_allowed: frozenset[str],
     credential_headers: Mapping[str, str],
     request_id: str,
 ) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
+    forwarded = []
     for name, value in incoming.items():
-        lower = name.lower()
-        if lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-") or lower in extra_allowed:
-            headers.add(name, value)
+        lower, allowed = _REQUEST_NAMES.get(name) or _request_name(name)
+        if allowed or lower in extra_allowed:
+            forwarded.append((name, value))
+    headers: CIMultiDict[str] = CIMultiDict(forwarded)
     headers["X-Request-ID"] = request_id
     # The client's Accept-Encoding is not forwarded; ask for identity so bytes relay as they are (no decompression).
     headers["Accept-Encoding"] = "identity"
@@ -117,11 +138,19 @@ def upstream_headers(
     return headers
 
 
-def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
+def _relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    relayed = []
     for name, value in upstream.items():
-        if name.lower() not in _DROPPED_RESPONSE_HEADERS:
-            headers.add(name, value)
+        allowed = _RESPONSE_NAMES.get(name)
+        if allowed is None:
+            allowed = _response_name(name)
+        if allowed:
+            relayed.append((name, value))
+    return relayed
+
+
+def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict(_relayed_response_headers(upstream))
     headers["X-Request-ID"] = request_id
     if headers.get("Content-Type", "").startswith(_SSE):
         headers["X-Accel-Buffering"] = "no"
@@ -152,14 +181,15 @@ class Forwarder:
         backend_name: str,
         backend: Backend,
         method: str,
-        url: str,
+        url: str | yarl.URL,
         headers: CIMultiDict[str],
         body: bytes | None,
     ) -> aiohttp.ClientResponse:
-        """Send the request; return the response once its headers are in, or raise a GatewayError."""
+        """Send the request; return the response once its headers are in, or raise a GatewayError. A `str` URL is
+        taken as encoded: the path and query go upstream byte for byte, as the client sent them."""
         session = self._pool.session(backend_name)
         timeouts = self._pool.timeouts[backend_name]
-        target = yarl.URL(url, encoded=True)  # the path and query go upstream byte for byte, as the client sent them
+        target = yarl.URL(url, encoded=True) if isinstance(url, str) else url
         try:
             if method == "GET":
                 # A GET stream idles by design: bound only the wait for its headers, not the gaps between events.
@@ -189,17 +219,29 @@ class Forwarder:
         if response.status == 401:
             response.close()
             raise BackendRejectedCredential(f"backend {backend_name} rejected the gateway's credential")
-        headers = response_headers(response.headers, request_id)
+        # As `response_headers`, without a copy: the relayed headers go straight into the response's own.
+        out = web.StreamResponse(status=response.status, reason=response.reason)
+        headers = out.headers
+        headers.extend(_relayed_response_headers(response.headers))
+        headers["X-Request-ID"] = request_id
         is_sse = headers.get("Content-Type", "").startswith(_SSE)
-        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         if is_sse:
+            headers["X-Accel-Buffering"] = "no"
             OPEN_STREAMS.inc()
+        tail = b""
         try:
             await out.prepare(request)
             stats.headers_sent_at = time.perf_counter()
-            async for chunk in response.content.iter_any():
-                stats.bytes_out += len(chunk)
-                await out.write(chunk)
+            content = response.content
+            if content.is_eof():
+                # The whole body came in with the headers (a short JSON answer): it goes out with the end of the
+                # response, in one write. Nothing waits for data that has not arrived.
+                tail = content.read_nowait()
+                stats.bytes_out += len(tail)
+            else:
+                async for chunk in content.iter_any():
+                    stats.bytes_out += len(chunk)
+                    await out.write(chunk)
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             response.close()
             stats.failure = "backend_timeout" if isinstance(exc, TimeoutError) else "backend_unavailable"
@@ -221,5 +263,5 @@ class Forwarder:
             if is_sse:
                 OPEN_STREAMS.dec()
         response.release()
-        await out.write_eof()
+        await out.write_eof(tail)
         return out

@@ -28,9 +28,12 @@ class McpMessage:
     arguments: Any = None
 
 
+_decode = json.JSONDecoder().decode  # what json.loads(str) ends up calling
+
+
 def _load(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"))  # the common case, without json's encoding detection
+        return _decode(body.decode("utf-8"))  # the common case, without json's encoding detection
     except (ValueError, RecursionError):
         # A BOM, UTF-16 or UTF-32 (RFC 8259 §8.1 lets parsers accept them), or not JSON at all.
         return json.loads(body)

@@ -7,12 +7,14 @@ like successes; a stream is recorded when it ends. Nothing here blocks: the audi
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from okta_agent_proxy.exchange import Exchange
-from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.observability.logging import get_logger, log_info
 from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_EXCHANGES, UPSTREAM_SECONDS
 from okta_agent_proxy.store.events import AuditEvent
 
@@ -30,31 +32,63 @@ class Outcome:
     code: str  # "ok", the gateway's error code, "upstream_<status>" or "client_closed"
 
 
+def _adder(counter: Any) -> Callable[[], None]:
+    """`counter.inc` for a labelled child, straight to its value: the child is observable by construction, so
+    prometheus-client's per-call checks can go (any other shape of child keeps its own `inc`)."""
+    value = getattr(counter, "_value", None)
+    if value is None or not callable(getattr(value, "inc", None)):
+        return counter.inc  # type: ignore[no-any-return]
+    inc = value.inc
+    return lambda: inc(1)
+
+
+def _observer(histogram: Any) -> Callable[[float], None]:
+    """`histogram.observe` for a labelled child, as prometheus-client 0.x does it (the sum, then the first bucket
+    whose upper bound holds the amount), found by bisection and without the per-call checks."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        return histogram.observe  # type: ignore[no-any-return]
+    bounds = list(bounds)
+    add_to_sum = total.inc
+    add_to_bucket = [bucket.inc for bucket in buckets]
+
+    def observe(amount: float) -> None:
+        add_to_sum(amount)
+        if amount == amount:  # a NaN lands in no bucket
+            i = bisect_left(bounds, amount)
+            if i < len(add_to_bucket):
+                add_to_bucket[i](1)
+
+    return observe
+
+
 class RequestRecorder:
     def __init__(self, sink: AuditSink | None, *, replica: str, record_arguments: bool = False) -> None:
         self._sink = sink
         self._replica = replica
         self._record_arguments = record_arguments
         # prometheus-client's labels() takes a lock and builds a key on every call: keep the children per label set.
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._by_backend: dict[str, tuple[Any, Any]] = {}
+        self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
+        self._by_backend: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
         self._credentials: dict[tuple[str, bool], Any] = {}
 
     def _count(self, backend: str, agent: str, status: int, total: float, upstream: float | None) -> None:
         key = (backend, agent, status)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = REQUESTS.labels(backend, agent, str(status))
-        counter.inc()
+        count = self._requests.get(key)
+        if count is None:
+            count = self._requests[key] = _adder(REQUESTS.labels(backend, agent, str(status)))
+        count()
         histograms = self._by_backend.get(backend)
         if histograms is None:
             histograms = self._by_backend[backend] = (
-                REQUEST_SECONDS.labels(backend),
-                UPSTREAM_SECONDS.labels(backend),
+                _observer(REQUEST_SECONDS.labels(backend)),
+                _observer(UPSTREAM_SECONDS.labels(backend)),
             )
-        histograms[0].observe(total)
+        histograms[0](total)
         if upstream is not None:
-            histograms[1].observe(upstream)
+            histograms[1](upstream)
 
     def _count_credential(self, backend: str, hit: bool) -> None:
         child = self._credentials.get((backend, hit))
@@ -73,16 +107,19 @@ class RequestRecorder:
         credential = exchange.credential
         if credential is not None and credential.cache_hit is not None:
             self._count_credential(backend or "-", credential.cache_hit)
-        log.info(
+        log_info(
+            log,
             "request",
-            request_id=exchange.request_id,
-            method=exchange.http_method,
-            path=exchange.path,
-            backend=backend,
-            agent=exchange.agent_id,
-            status=outcome.status,
-            outcome=outcome.code,
-            ms=round(total * 1000, 1),
+            {
+                "request_id": exchange.request_id,
+                "method": exchange.http_method,
+                "path": exchange.path,
+                "backend": backend,
+                "agent": exchange.agent_id,
+                "status": outcome.status,
+                "outcome": outcome.code,
+                "ms": round(total * 1000, 1),
+            },
         )
         if self._sink is None:
             return
