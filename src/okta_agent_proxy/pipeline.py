@@ -21,6 +21,7 @@ from aiohttp import web
 
 from okta_agent_proxy.config import CrossAppBackend
 from okta_agent_proxy.errors import (
+    AuthorizationDenied,
     BackendRejectedCredential,
     ForbiddenOrigin,
     GatewayError,
@@ -196,10 +197,12 @@ class Pipeline:
         method = request.method
         sent = time.perf_counter()
         response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
+        exchange.upstream_status = response.status
         if response.status == 401 and credential.refreshable:
             # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
             response.close()
             await provider.invalidate(credential_request)
+            exchange.credential = None  # until the fresh one arrives: a failed re-exchange must not show the old one
             credential = exchange.credential = await provider.get(credential_request)
             headers.update(credential.headers)
             sent = time.perf_counter()
@@ -262,7 +265,13 @@ async def authenticate(request: web.Request, exchange: Exchange, inbound: Inboun
 
 def identify_agent(request: web.Request, exchange: Exchange, inbound: InboundIdentity) -> None:
     assert exchange.principal is not None
-    identified = inbound.agents.identify(exchange.principal, request.headers.get("X-Agent-ID"))
+    try:
+        identified = inbound.agents.identify(exchange.principal, request.headers.get("X-Agent-ID"))
+    except AuthorizationDenied as denied:
+        # A header that disagrees with the token: the token still says who the agent is (never the header's word).
+        if inbound.agents.from_token:
+            exchange.agent_id = denied.agent_id
+        raise
     exchange.agent = identified
     exchange.agent_id = identified.name
 
@@ -386,8 +395,8 @@ async def read_and_inspect(request: web.Request, exchange: Exchange, limit: int)
     if request.method != "POST":
         return
     body = await read_body(request, limit)
+    exchange.body = body  # recorded (bytes in) even when it turns out not to be JSON
     exchange.message = parse_message(body)
-    exchange.body = body
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:

@@ -588,11 +588,6 @@ async def test_record_arguments_turned_off_by_a_reload_applies_at_once(tmp_path:
 # ---- known gaps, pinned: each xfail is strict, so a fix turns it into a failure that asks to drop the marker
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: on an X-Agent-ID mismatch the row's agent is null while the 403 body names the token's "
-    "agent (inbound/agents.py raises before pipeline.identify_agent sets exchange.agent_id)",
-)
 async def test_an_agent_header_mismatch_row_names_the_tokens_agent(tmp_path: Path) -> None:
     async with database_url("sqlite", tmp_path) as url, stack(url) as s:
         answer = await s.post("/partners", s.token(), headers={"X-Agent-ID": "claude"})
@@ -600,11 +595,6 @@ async def test_an_agent_header_mismatch_row_names_the_tokens_agent(tmp_path: Pat
         assert (await s.gateway.row(answer.request_id))["agent"] == "cursor"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: a body that is not JSON is read whole, yet its row says bytes_in 0 "
-    "(pipeline.read_and_inspect sets exchange.body only after parse_message succeeded)",
-)
 async def test_a_parse_error_row_counts_the_bytes_read(tmp_path: Path) -> None:
     raw = b'{"jsonrpc": "2.0", "id": 1, "method": '
     async with (
@@ -627,11 +617,6 @@ async def test_metrics_count_jwks_fetches(tmp_path: Path) -> None:
         assert sum(fetches.values()) >= 1, fetches
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: a failed token exchange is never counted in oap_backend_credentials, whose help says "
-    "'by result (cache_hit, cache_miss, error code)' (recorder.finish counts only when exchange.credential is set)",
-)
 async def test_metrics_count_failed_token_exchanges(tmp_path: Path) -> None:
     async with database_url("sqlite", tmp_path) as url, stack(url) as s:
         s.idp.xaa.policies.clear()
@@ -662,11 +647,6 @@ async def test_record_arguments_turned_on_by_a_reload_applies(tmp_path: Path) ->
             assert json.loads((await gateway.row(answer.request_id))["arguments"] or "null") == arguments
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: when the backend answers 401 and the fresh exchange then fails, the row says "
-    "upstream_status null (pipeline.Pipeline.forward sets exchange.upstream_status only after the retry)",
-)
 async def test_a_failed_retry_row_keeps_the_backends_401(tmp_path: Path) -> None:
     async with database_url("sqlite", tmp_path) as url, stack(url) as s:
         erin = s.token(ERIN)

@@ -31,6 +31,11 @@ class AgentDirectory:
         self._by_client_id = {cid: name for name, agent in agents.items() for cid in agent.caller_client_ids}
         self._mode = mode
 
+    @property
+    def from_token(self) -> bool:
+        """True when the verified token decides the agent (the default), False in header mode."""
+        return self._mode != "header"
+
     def identify(self, principal: Principal, claimed: str | None) -> IdentifiedAgent:
         if self._mode == "header":
             log.warning("agent_identified_by_header", agent=claimed, subject_client=principal.client_id)

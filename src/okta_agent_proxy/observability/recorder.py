@@ -107,6 +107,9 @@ class RequestRecorder:
         credential = exchange.credential
         if credential is not None and credential.cache_hit is not None:
             self._count_credential(backend or "-", credential.cache_hit)
+        elif credential is None and exchange.credential_method is not None and exchange.error is not None:
+            # The credential step itself failed: count it under the error's code.
+            TOKEN_EXCHANGES.labels(backend or "-", exchange.error.code).inc()
         log_info(
             log,
             "request",
