@@ -127,6 +127,11 @@ class Pipeline:
                 add_challenge(error, self.settings.base_url, request.path)
             outcome = Outcome(error.status, error.code)
             return error_response(error, exchange.request_id)
+        except ConnectionResetError:
+            # The client went away while its answer was being sent (aiohttp's ClientConnectionResetError; a
+            # backend's failures are caught where they happen): 499, and nothing left to send. The response
+            # returned only lets aiohttp finish quietly — writing it fails on the closed connection.
+            return web.Response(status=CLIENT_CLOSED)
         except Exception:
             # A bug, not a client's fault: log it (without the request's content) and answer 500 in our shape.
             log.exception("unhandled_error", request_id=exchange.request_id, path=request.path[:200])
@@ -320,13 +325,17 @@ def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
 
 
 _random_bits = random.getrandbits  # request ids must be unique, not secret: a client may choose its own
+_now_ns = time.time_ns
 
 
 def _request_id(request: web.Request) -> str:
+    """The client's `X-Request-ID` if it is sane; else 32 hex digits, time-ordered as a UUIDv7 is (milliseconds
+    since the epoch, then 80 random bits): unique, sortable, and appended at the end of the audit log's request-id
+    index rather than at random places in it (random keys made each audit insert 2-3x as costly)."""
     supplied = request.headers.get("X-Request-ID")
     if supplied and _REQUEST_ID.match(supplied):
         return supplied
-    return f"{_random_bits(128):032x}"
+    return f"{_now_ns() // 1_000_000:012x}{_random_bits(80):020x}"
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:

@@ -215,7 +215,7 @@ async def test_kill_9_loses_at_most_the_queue_and_a_restart_keeps_every_row(
     lines = result.stdout.splitlines()
     assert len(lines) == 5, result.stdout
     events = [json.loads(line) for line in lines]
-    fields = {"id", *AuditEvent.__dataclass_fields__}
+    fields = {"id", *AuditEvent._fields}
     assert all(set(event) == fields for event in events), events[0]
     assert [event["request_id"] for event in events] == [f"restart-{i:06d}" for i in range(5, 10)]  # oldest first
     for event in events:

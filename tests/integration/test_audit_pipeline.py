@@ -16,6 +16,7 @@ and the gateway assembled as `serve` does it (migrated store, started AuditWrite
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -30,8 +31,8 @@ import pytest
 
 from okta_agent_proxy.devkit.okta_emulator import ORG, App, AuthorizationServer, User, XaaPolicy
 from tests.support.backends import RecordingBackend, running_backend
-from tests.support.gateway import psk_backend
-from tests.support.processes import free_port
+from tests.support.gateway import gateway_config, psk_backend
+from tests.support.processes import LOOPBACK, free_port
 from tests.support.stacks import (
     AUDIENCE,
     BACKEND_AS,
@@ -583,6 +584,38 @@ async def test_record_arguments_turned_off_by_a_reload_applies_at_once(tmp_path:
             await gateway.reload({"backends": backends, "audit": {"record_arguments": False}})
             answer = await send(http, gateway.url("/echo"), body=call("echo", 2, **arguments))
             assert (await gateway.row(answer.request_id))["arguments"] is None
+
+
+@pytest.mark.parametrize("handler_cancellation", [True, False])
+async def test_a_client_that_hangs_up_leaves_a_499_row(tmp_path: Path, handler_cancellation: bool) -> None:
+    """A client that closes its connection before its answer comes: a 499 `client_closed` row, never a 500 —
+    whether the server cancels the handler when the connection drops (as `serve` does) or the gateway only finds
+    out when it writes the answer to the closed connection (aiohttp's default, and what a race with the
+    cancellation looks like under load)."""
+    async with (
+        running_backend(delay=0.3) as backend,
+        audited_gateway(
+            gateway_config(slow=psk_backend(backend.url("/slow"), "/slow")),
+            f"sqlite:///{tmp_path}/a.db",
+            handler_cancellation=handler_cancellation,
+        ) as gw,
+    ):
+        body = json.dumps(LIST).encode()
+        request = (
+            f"POST /slow HTTP/1.1\r\nHost: {LOOPBACK}:{gw.port}\r\nContent-Type: application/json\r\n"
+            f"Accept: application/json, text/event-stream\r\nX-Request-ID: gone\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        _, writer = await asyncio.open_connection(LOOPBACK, gw.port)
+        writer.write(request)
+        await writer.drain()
+        await backend.last_request()  # the gateway is waiting for the backend…
+        writer.close()  # …when the client goes away
+        await writer.wait_closed()
+        (row,) = await gw.wait_rows(1)
+        assert (row["request_id"], row["status"], row["outcome"]) == ("gone", 499, "client_closed")
+        async with aiohttp.ClientSession() as http:  # and the gateway goes on serving
+            assert (await send(http, gw.url("/slow"), token=None, body=LIST)).status == 200
 
 
 # ---- known gaps, pinned: each xfail is strict, so a fix turns it into a failure that asks to drop the marker

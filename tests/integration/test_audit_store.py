@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import json
 import os
@@ -140,13 +139,22 @@ async def _holds(result: bool | Awaitable[bool]) -> bool:
 
 
 def insert_batches(engine: AsyncEngine) -> list[int]:
-    """The row count of every INSERT into audit_events the engine sends, as the driver sees it."""
+    """The rows each committed transaction inserted into audit_events, counted from the parameters the driver got
+    (a batch is written with one or more multi-row INSERTs; other connections, such as the pruner's, commit too)."""
     sizes: list[int] = []
+    pending: dict[int, int] = {}
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def _seen(_c: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
+    def _seen(connection: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
         if statement.startswith("INSERT INTO audit_events"):
-            sizes.append(len(parameters) if executemany else 1)
+            parameter_sets = parameters if executemany else [parameters]
+            rows = sum(len(p) for p in parameter_sets) // len(AuditEvent._fields)
+            pending[id(connection)] = pending.get(id(connection), 0) + rows
+
+    @event.listens_for(engine.sync_engine, "commit")
+    def _committed(connection: Any) -> None:
+        if rows := pending.pop(id(connection), 0):
+            sizes.append(rows)
 
     return sizes
 
@@ -291,7 +299,7 @@ async def test_arguments_are_stored_only_when_configured(store: Store) -> None:
     await writer.flush()
     [stored] = await query_events(store.engine)
     assert stored.event.arguments is None
-    assert stored.event == dataclasses.replace(every_field_event(), arguments=None)
+    assert stored.event == every_field_event()._replace(arguments=None)
 
 
 async def test_hostile_text_is_stored_not_rejected(store: Store) -> None:
@@ -420,7 +428,7 @@ async def _record_sample(store: Store) -> None:
     await writer.start()
     for n, (index, sub, uid, agent, backend, outcome) in enumerate(SAMPLE):
         event = make_event(index, request_id=f"s{n}", user_sub=sub, user_uid=uid, agent=agent, backend=backend)
-        await writer.record(dataclasses.replace(event, outcome=outcome))
+        await writer.record(event._replace(outcome=outcome))
     await writer.close()
 
 
@@ -476,7 +484,7 @@ async def test_follow_yields_each_new_matching_row_once(store: Store) -> None:
 
 async def _insert_with_id(store: Store, row_id: int, request_id: str) -> None:
     event = make_event(request_id=request_id, agent="cursor")
-    row = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)} | {"id": row_id}
+    row = event._asdict() | {"id": row_id}
     async with store.engine.begin() as connection:
         await connection.execute(insert(audit_events), [row])
 

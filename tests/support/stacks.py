@@ -210,9 +210,11 @@ async def audited_gateway(
     settings: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     writer_options: WriterOptions | None = None,
+    handler_cancellation: bool = True,
 ) -> AsyncIterator[AuditedGateway]:
     """The gateway as `serve` assembles it (migrated store, started writer, `build_app(store=, audit=)`), in the
-    running loop. On exit the server stops first, then the store closes (flushing the writer)."""
+    running loop. On exit the server stops first, then the store closes (flushing the writer). Without
+    `handler_cancellation` (aiohttp's default) a client that hangs up is only noticed when its answer is written."""
     with _bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-audited-") as tmp:
         port: int = sock.getsockname()[1]
         values = {"GATEWAY_BASE_URL": f"http://{LOOPBACK}:{port}", "GATEWAY_PORT": port, **(settings or {})}
@@ -226,7 +228,7 @@ async def audited_gateway(
             app = build_app(loaded, store=store, audit=writer)
             runner = web.AppRunner(
                 app,
-                handler_cancellation=True,
+                handler_cancellation=handler_cancellation,
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=1.0,

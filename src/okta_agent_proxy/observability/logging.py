@@ -12,11 +12,14 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+
+from okta_agent_proxy.observability.log_stream import LineWriter
 
 _SECRET_KEY = re.compile(r"(authorization|password|secret|token|assertion|private_key|^key$|api_key|cookie)", re.I)
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
@@ -130,6 +133,31 @@ def _now_iso() -> str:
     return f"{_second_text}.{micros:06d}Z" if micros else f"{_second_text}Z"
 
 
+_STACK_FRAMES = 20  # the innermost frames kept in a logged exception's stack
+
+
+def summarize_exception(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`log.exception(...)` (or `exc_info=`) becomes `error` (the exception's type) and `stack` (its frames, as
+    `file:line function`), without the exception's message or any local value: a driver's or library's message
+    may quote the data it was handling, a token or a key among it. What failed, and where, is enough to start."""
+    exc_info = event.pop("exc_info", None)
+    if not exc_info:
+        return event
+    if isinstance(exc_info, BaseException):
+        error: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        error = exc_info[1]
+    else:
+        error = sys.exc_info()[1]
+    if error is not None:
+        kind = type(error)
+        module = "" if kind.__module__ == "builtins" else kind.__module__ + "."
+        event["error"] = module + kind.__qualname__
+        frames = traceback.extract_tb(error.__traceback__)[-_STACK_FRAMES:]
+        event["stack"] = [f"{frame.filename}:{frame.lineno} {frame.name}" for frame in frames]
+    return event
+
+
 def add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["timestamp"] = _now_iso()
     return event
@@ -162,7 +190,7 @@ class _JsonLines:
 
     def __init__(self, processors: list[Any], level: int, logger_factory: Any) -> None:
         self.processors = processors
-        self.renderer = processors[4]
+        self.renderer = processors[-1]
         self.level = level
         self.logger_factory = logger_factory
         self.out = logger_factory()
@@ -193,11 +221,12 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         add_timestamp,
+        summarize_exception,
         redact,
         renderer,
     ]
     min_level = logging.getLevelNamesMapping()[level]
-    logger_factory = structlog.PrintLoggerFactory(sys.stderr)
+    logger_factory = LineWriter(sys.stderr)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(min_level),
@@ -229,13 +258,14 @@ def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
         structlog.contextvars.merge_contextvars(None, "info", event_dict)
         event_dict["level"] = "info"
         add_timestamp(None, "info", event_dict)
+        summarize_exception(None, "info", event_dict)
         redact(None, "info", event_dict)
         line = lines.renderer(None, "info", event_dict)
     lines.out.info(line)
 
 
 _escape = json.encoder.encode_basestring_ascii  # how the JSON renderer writes text (ensure_ascii)
-_RESERVED = frozenset({"event", "level", "timestamp"})  # keys the processors write
+_RESERVED = frozenset({"event", "level", "timestamp", "exc_info"})  # keys the processors write or read
 _LINE_STARTS: dict[tuple[str, ...], tuple[str, ...] | None] = {}  # per key tuple (from code: a small set)
 
 

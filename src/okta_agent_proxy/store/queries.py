@@ -14,7 +14,6 @@ remembers what it already yielded there: a row committed late is still shown onc
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from okta_agent_proxy.store.models import audit_events
 __all__ = ["AuditQuery", "StoredEvent", "follow_events", "iter_events", "query_events"]
 
 PAGE_SIZE = 1000
-_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent))
+_FIELDS = AuditEvent._fields
 _t = audit_events.c
 
 

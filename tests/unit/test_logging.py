@@ -1,0 +1,113 @@
+"""The log output: lines batched per event-loop iteration, in order; exceptions logged by type and stack only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from okta_agent_proxy.observability.log_stream import LineWriter
+from okta_agent_proxy.observability.logging import configure, get_logger, log_info
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts the `write` calls it gets (each would be a system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingStream]:
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stderr", stream)
+    configure("INFO", "json")
+    structlog.configure(cache_logger_on_first_use=False)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_lines_logged_in_one_loop_iteration_are_written_together_in_order_after_it(stderr: CountingStream) -> None:
+    log = get_logger("test")
+
+    async def burst() -> tuple[int, int]:
+        for index in range(50):
+            if index % 2:
+                log.info("plain", index=index)  # structlog's own path
+            else:
+                log_info(log, "fast", {"index": index})  # the request line's path
+        during = stderr.writes
+        await asyncio.sleep(0)  # the loop's next iteration
+        await asyncio.sleep(0)
+        return during, stderr.writes
+
+    during, after = asyncio.run(burst())
+    assert during == 0  # nothing written while the iteration runs…
+    assert after == 1  # …then everything in one write
+    assert [line["index"] for line in lines(stderr)] == list(range(50))
+
+
+def test_lines_outside_a_loop_or_from_another_thread_are_written_at_once(stderr: CountingStream) -> None:
+    log = get_logger("test")
+    log.info("outside", n=1)
+    assert stderr.writes == 1
+
+    async def with_a_thread() -> int:
+        log.info("in the loop", n=2)  # waits for the end of the iteration
+        thread = threading.Thread(target=lambda: log.info("thread", n=3))
+        thread.start()
+        thread.join()
+        return stderr.writes
+
+    writes_after_thread = asyncio.run(with_a_thread())
+    assert writes_after_thread == 2  # the thread's line went at once, with the loop's waiting line before it
+    assert [line["n"] for line in lines(stderr)] == [1, 2, 3]
+
+
+def test_whatever_waits_when_the_loop_ends_unexpectedly_is_written_by_the_next_line() -> None:
+    stream = CountingStream()
+    writer = LineWriter(stream)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.call_soon(writer.msg, "first")  # schedules the write on this loop…
+    loop.stop()
+    loop.run_forever()  # runs `first`, then stops before the scheduled write
+    loop.close()
+    assert stream.getvalue() == ""
+    writer.msg("second")  # no loop running: written at once, after what was waiting
+    assert stream.getvalue() == "first\nsecond\n"
+
+
+def test_a_logged_exception_shows_its_type_and_stack_but_not_its_message(stderr: CountingStream) -> None:
+    secret = "psk-VERY-SECRET-value"
+
+    def fail() -> None:
+        raise ValueError(f"the backend refused key {secret}")
+
+    try:
+        fail()
+    except ValueError:
+        get_logger("test").exception("unhandled_error", request_id="r1")
+    (line,) = lines(stderr)
+    assert line["event"] == "unhandled_error" and line["level"] == "error"
+    assert line["error"] == "ValueError"
+    stack = line["stack"]
+    assert isinstance(stack, list) and stack[-1].endswith(" fail") and "test_logging.py:" in stack[-1]
+    assert "exc_info" not in line and "exception" not in line
+    assert secret not in stderr.getvalue()
