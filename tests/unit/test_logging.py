@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from okta_agent_proxy.observability.log_stream import LineWriter
-from okta_agent_proxy.observability.logging import configure, get_logger, log_info
+from okta_agent_proxy.observability.logging import RequestLine, configure, get_logger, log_info
 
 
 class CountingStream(io.StringIO):
@@ -111,3 +111,27 @@ def test_a_logged_exception_shows_its_type_and_stack_but_not_its_message(stderr:
     assert isinstance(stack, list) and stack[-1].endswith(" fail") and "test_logging.py:" in stack[-1]
     assert "exc_info" not in line and "exception" not in line
     assert secret not in stderr.getvalue()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("0196c0ffee0000000000000000000001", "POST", "/mcp", "bench", None, 200, "ok", 2.3),
+        ("r-2", "GET", "/employees/mcp", "employees", "cursor", 499, "client_closed", 12345.6),
+        ("r-3", "DELETE", '/ünïcode/"quoted"\\', "b", "a", 404, "session_not_found", 0.0),
+        ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.sig", "POST", "/mcp", "bench", None, 401, "invalid_token", 1.5),
+        ("r-5", "POST", "/mcp/Bearer abc.def", "bench", None, 200, "ok", 1.0),
+        ("r-6", "POST", "/mcp", "bench", None, 200, "ok", float("nan")),
+    ],
+)
+def test_the_request_line_is_the_line_log_info_writes(stderr: CountingStream, values: tuple[object, ...]) -> None:
+    """`RequestLine` (the per-request fast path) writes exactly what `log_info` does, masking included."""
+    log = get_logger("test")
+    keys = ("request_id", "method", "path", "backend", "agent", "status", "outcome", "ms")
+    line = RequestLine(log)
+    line.write(*values)  # type: ignore[arg-type]
+    line.write(*values)  # type: ignore[arg-type]  # the second time from what was remembered
+    log_info(log, "request", dict(zip(keys, values, strict=True)))
+    written = [line.rsplit('"timestamp"', 1)[0] for line in stderr.getvalue().splitlines()]
+    assert len(written) == 3 and written[0] == written[1] == written[2], written
+    assert "eyJzdWIiOiJ4In0" not in stderr.getvalue() and "Bearer abc" not in stderr.getvalue()

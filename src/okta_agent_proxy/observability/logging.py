@@ -266,6 +266,7 @@ def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
 
 _escape = json.encoder.encode_basestring_ascii  # how the JSON renderer writes text (ensure_ascii)
 _RESERVED = frozenset({"event", "level", "timestamp", "exc_info"})  # keys the processors write or read
+_FLAT = frozenset({str, int, float, bool, type(None)})  # values with nothing inside that `redact` would mask
 _LINE_STARTS: dict[tuple[str, ...], tuple[str, ...] | None] = {}  # per key tuple (from code: a small set)
 
 
@@ -312,6 +313,67 @@ def _flat_line(event: str, fields: dict[str, Any]) -> str | None:
         return None
     parts += (', "event": ', _escape(event), ', "level": "info", "timestamp": "', _now_iso(), '"}')
     return "".join(parts)
+
+
+_REQUEST_FIELDS = ("method", "path", "backend", "agent", "status", "outcome")  # between request_id and ms
+_REQUEST_TAIL = ', "event": "request", "level": "info", "timestamp": "'
+_MIDDLES_MAX = 1024  # (method, path, backend, agent, status, outcome) combinations remembered; paths vary
+
+
+class RequestLine:
+    """The request line, written once per request: `log_info(logger, "request", {"request_id": …, "method": …,
+    "path": …, "backend": …, "agent": …, "status": …, "outcome": …, "ms": …})`, the same bytes for less work. Of
+    its values only the request id and the time vary from one request to the next; the text of the others (with
+    the verdict that nothing in it needs masking) is rendered once per combination and remembered, so a line is
+    the id, that text, the time and the timestamp. Anything unusual — another setup, a bound context variable, a
+    value that is not plain, text that `redact` might mask — takes `log_info`."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self._middles: dict[tuple[Any, ...], str] = {}  # "" marks a combination that takes the general path
+
+    def write(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        backend: str | None,
+        agent: str | None,
+        status: int,
+        outcome: str,
+        ms: float,
+    ) -> None:
+        lines = _json_lines
+        key = (method, path, backend, agent, status, outcome)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middle(key)
+        if (
+            middle
+            and lines is not None
+            and lines.in_place()
+            and type(request_id) is str
+            and type(ms) is float
+            and ms - ms == 0.0
+            and not _needs_masking(request_id)
+            and not structlog.contextvars.get_contextvars()
+        ):
+            if lines.level <= logging.INFO:
+                line = '{"request_id": ' + _escape(request_id) + middle + ', "ms": ' + float.__repr__(ms)
+                lines.out.info(line + _REQUEST_TAIL + _now_iso() + '"}')
+            return
+        fields = {"request_id": request_id, **dict(zip(_REQUEST_FIELDS, key, strict=True)), "ms": ms}
+        log_info(self._logger, "request", fields)
+
+    def _middle(self, key: tuple[Any, ...]) -> str:
+        middle = ""
+        if _encode is not None and _FLAT.issuperset(map(type, key)):
+            rendered = "".join(_encode(dict(zip(_REQUEST_FIELDS, key, strict=True)), 0))
+            if not _needs_masking(rendered):
+                middle = ", " + rendered[1:-1]
+        if len(self._middles) < _MIDDLES_MAX:
+            self._middles[key] = middle
+        return middle
 
 
 def get_logger(name: str) -> Any:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from okta_agent_proxy.exchange import Exchange
-from okta_agent_proxy.observability.logging import get_logger, log_info
+from okta_agent_proxy.observability.logging import RequestLine, get_logger
 from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_EXCHANGES, UPSTREAM_SECONDS
 from okta_agent_proxy.store.events import AuditEvent
 
@@ -69,6 +69,7 @@ class RequestRecorder:
         self._sink = sink
         self._replica = replica
         self._record_arguments = record_arguments
+        self._line = RequestLine(log)
         # prometheus-client's labels() takes a lock and builds a key on every call: keep the children per label set.
         self._requests: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._by_backend: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
@@ -110,19 +111,15 @@ class RequestRecorder:
         elif credential is None and exchange.credential_method is not None and exchange.error is not None:
             # The credential step itself failed: count it under the error's code.
             TOKEN_EXCHANGES.labels(backend or "-", exchange.error.code).inc()
-        log_info(
-            log,
-            "request",
-            {
-                "request_id": exchange.request_id,
-                "method": exchange.http_method,
-                "path": exchange.path,
-                "backend": backend,
-                "agent": exchange.agent_id,
-                "status": outcome.status,
-                "outcome": outcome.code,
-                "ms": round(total * 1000, 1),
-            },
+        self._line.write(
+            exchange.request_id,
+            exchange.http_method,
+            exchange.path,
+            backend,
+            exchange.agent_id,
+            outcome.status,
+            outcome.code,
+            round(total * 1000, 1),
         )
         if self._sink is None:
             return

@@ -92,6 +92,8 @@ def _arguments(value: Any) -> str | None:
 
 def _sqlite_time(value: datetime) -> str:
     # The text SQLAlchemy's SQLite DateTime stores and parses: naive UTC, microseconds always present.
+    if value.tzinfo is UTC:  # the recorder's: the same text without "+00:00", made in one step
+        return value.isoformat(sep=" ", timespec="microseconds")[:-6]
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
     return value.isoformat(sep=" ", timespec="microseconds")
