@@ -226,6 +226,8 @@ class Gateway:
         old, self.current = self.current, generation
         if self.validator is not None:
             self.validator.set_audiences(accepted_audiences(loaded))
+        if self._audit is not None:
+            self._audit.reconfigure(loaded.config.audit)
         old.retired = True
         if old.active == 0:
             await old.pool.close()

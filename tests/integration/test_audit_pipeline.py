@@ -6,7 +6,7 @@ and what happened": success, 401 (no token, bad token), 403 (each reason), 404 (
 (unreachable, credential rejected), 503 (JWKS down, IdP token endpoint down), 504, a token exchange miss then a hit,
 a retry after a backend 401 (one row), a denied tool call, a 202 and a DELETE. Unknown paths and the gateway's own
 endpoints leave no row. A stream's row is written when it ends (a client leaving mid-stream: 499). Tool-call
-arguments are stored only when configured (turning it off by a reload applies at once). `/metrics` counters match
+arguments are stored only when configured (a reload turning it on or off applies at once). `/metrics` counters match
 the rows. Gaps found in the gateway are pinned at the end as strict xfails.
 
 The stack: the devkit Okta emulator (recording what it issued, so ID-JAG `jti`s can be compared), a Cross App
@@ -659,11 +659,6 @@ async def test_metrics_count_failed_token_exchanges(tmp_path: Path) -> None:
         assert results[("employees", "token_exchange_failed")] >= 1, results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: audit.record_arguments turned on by a reload is ignored: the AuditWriter's RowEncoder "
-    "keeps the start-time value (store/audit.py AuditWriter.__init__), so arguments stay null until a restart",
-)
 async def test_record_arguments_turned_on_by_a_reload_applies(tmp_path: Path) -> None:
     arguments = {"message": "after the reload"}
     async with running_backend() as backend, database_url("sqlite", tmp_path) as url:

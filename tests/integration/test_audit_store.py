@@ -376,6 +376,26 @@ async def test_block_policy_waits_for_room(store: Store) -> None:
     assert await count_rows(store.engine) == 6
 
 
+async def test_a_reloaded_audit_section_applies_at_once(store: Store) -> None:
+    writer = store.writer(AuditConfig(queue_size=5, when_full="block", record_arguments=False), max_delay=0.0)
+    for index in range(5):
+        await writer.record(make_event(index))
+    blocked = asyncio.create_task(writer.record(make_event(5)))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not blocked.done()
+    writer.reconfigure(AuditConfig(queue_size=8, when_full="drop", record_arguments=True))
+    await asyncio.wait_for(blocked, WAIT_SECONDS)  # the larger queue has room: the blocked event goes in
+    for index in range(6, 12):
+        await writer.record(make_event(index, arguments={"n": index}))
+    assert (writer.queue_depth, writer.dropped) == (8, 4)  # full at 8 now, and full means drop
+    await writer.start()
+    await writer.flush()
+    stored = await query_events(store.engine)
+    assert [event.event.request_id for event in stored] == [f"req-{i:05d}" for i in range(8)]
+    assert stored[-1].event.arguments == {"n": 7}  # arguments are stored from now on
+
+
 async def test_close_writes_everything_queued(store: Store) -> None:
     writer = store.writer(AuditConfig(), max_batch=500, max_delay=3600.0)
     await writer.start()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from okta_agent_proxy.config import AuditConfig
 from okta_agent_proxy.exchange import Exchange
 from okta_agent_proxy.observability.logging import RequestLine, get_logger
 from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_EXCHANGES, UPSTREAM_SECONDS
@@ -24,6 +25,8 @@ CLIENT_CLOSED = 499  # nginx's code for "the client went away before the respons
 
 class AuditSink(Protocol):
     async def record(self, event: AuditEvent) -> None: ...
+
+    def reconfigure(self, config: AuditConfig) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,7 +132,7 @@ class RowEncoder:
         self._time_at = _FIELDS.index("time")
         self._arguments_at = _FIELDS.index("arguments")
         self._time = _sqlite_time if dialect.name == "sqlite" else _aware_time
-        self._record_arguments = record_arguments
+        self.record_arguments = record_arguments
 
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
         """(INSERT, parameter sets) pairs that write `rows`: each whole chunk of `ROWS_PER_STATEMENT` rows with the
@@ -159,7 +159,7 @@ class RowEncoder:
             if value is not None and not math.isfinite(value):
                 values[i] = -1.0  # SQLite would store NaN as NULL, breaking NOT NULL; -1 marks "not measurable"
         values[self._time_at] = self._time(values[self._time_at])
-        values[self._arguments_at] = _arguments(event.arguments) if self._record_arguments else None
+        values[self._arguments_at] = _arguments(event.arguments) if self.record_arguments else None
         return tuple(values)
 
 
@@ -248,6 +248,16 @@ class AuditWriter:
     @property
     def config(self) -> AuditConfig:
         return self._config
+
+    def reconfigure(self, config: AuditConfig) -> None:
+        """Apply a reloaded `audit` section at once: the queue's size and what happens when it is full, whether
+        arguments are stored (events already queued included), and the retention of the next prune."""
+        self._config = config
+        self._capacity = config.queue_size
+        self._batch_ready_at = min(self._max_batch, config.queue_size)
+        self._encoder.record_arguments = config.record_arguments
+        self._room.set()  # a larger queue has room for blocked `record()` calls
+        self._wake.set()  # a smaller batch threshold may already be reached
 
     async def start(self) -> None:
         """Start the drain and prune tasks (idempotent)."""
