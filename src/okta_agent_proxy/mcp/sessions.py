@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from okta_agent_proxy.errors import NotFound
 
 
-@dataclass(frozen=True, slots=True)
-class SessionOwner:
+class SessionOwner(NamedTuple):
+    """Who started a session (made for every request with a token: a tuple is the cheapest immutable record)."""
+
     issuer: str
     subject: str
     agent: str
