@@ -1,11 +1,12 @@
 """The audit store on real databases: the same suite on a SQLite file and on the PostgreSQL server.
 
-Each PostgreSQL test runs in a database of its own, created and dropped here (`OAP_TEST_POSTGRES_URL`, default
-postgresql://root@127.0.0.1:5432/test; the test is skipped when the server is unreachable, and fails under
-`OAP_REQUIRE_SERVICES=1`). Covered: migrations (empty database, up-to-date database, a database with rows, replicas
-migrating at once), every AuditEvent field round-tripped, batching by size and by delay, the `drop` and `block`
-policies, `close()` flushing everything, retention, query filters and `--follow`, the config store holding no
-secret, and durability across SIGTERM and `kill -9` of a writer process. Waits are polls with deadlines.
+Each PostgreSQL test runs in a database of its own, created and dropped by `tests.support.stacks`
+(`OAP_TEST_POSTGRES_URL`, default postgresql://root@127.0.0.1:5432/test; the test is skipped when the server is
+unreachable, and fails under `OAP_REQUIRE_SERVICES=1`). Covered: migrations (empty database, up-to-date database, a
+database with rows, replicas migrating at once), every AuditEvent field round-tripped, batching by size and by
+delay, the `drop` and `block` policies, `close()` flushing everything, retention, query filters and `--follow`, the
+config store holding no secret, and durability across SIGTERM and `kill -9` of a writer process. Waits are polls
+with deadlines.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import asyncio
 import contextlib
 import inspect
 import json
-import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,8 +27,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, event, insert, select, text
 from sqlalchemy import inspect as inspect_schema
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig, GatewayConfig
 from okta_agent_proxy.store.config_store import SECRET, config_changes, config_file_hash, save_config
@@ -45,10 +43,10 @@ from okta_agent_proxy.store.db import (
 from okta_agent_proxy.store.events import AuditEvent
 from okta_agent_proxy.store.models import Model, audit_events
 from okta_agent_proxy.store.queries import AuditQuery, StoredEvent, follow_events, iter_events, query_events
-from tests.support.node_tools import REPO_ROOT, services_required
+from tests.support.node_tools import REPO_ROOT
+from tests.support.stacks import postgres_database
 from tests.unit.helpers import pem, pem_body_chunks, rsa_key
 
-POSTGRES_URL = os.environ.get("OAP_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 # Recent (retention prunes by the real clock), with microseconds (they must survive the round trip).
 T0 = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=123456)
 WAIT_SECONDS = 10.0
@@ -57,37 +55,13 @@ WAIT_SECONDS = 10.0
 # ---------------------------------------------------------------- fixtures
 
 
-@contextlib.asynccontextmanager
-async def postgres_database() -> AsyncIterator[str]:
-    """A fresh database on the PostgreSQL server, dropped afterwards; its URL."""
-    admin_url = async_database_url(POSTGRES_URL)
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"timeout": 5})
-    name = f"oap_test_{uuid.uuid4().hex[:12]}"
-    try:
-        try:
-            async with admin.connect() as connection:
-                await connection.execute(text(f'CREATE DATABASE "{name}"'))
-        except (OSError, TimeoutError, OperationalError) as exc:
-            reason = f"PostgreSQL at {display_url(admin_url)} is unreachable ({type(exc).__name__})"
-            if services_required():
-                pytest.fail(f"{reason} (OAP_REQUIRE_SERVICES=1)", pytrace=False)
-            pytest.skip(reason)
-        try:
-            yield admin_url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            async with admin.connect() as connection:
-                await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store' / 'audit.db'}"  # plain sqlite://, in a folder that does not exist yet
     else:
-        async with postgres_database() as url:
-            yield url.replace("postgresql+asyncpg://", "postgresql://")  # plain postgresql://, as operators write it
+        async with postgres_database() as url:  # plain postgresql://, as operators write it
+            yield url
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ class AgentDirectory:
     def __init__(self, agents: Mapping[str, Agent], *, mode: str = "token") -> None:
         self._agents = dict(agents)
         self._by_client_id = {cid: name for name, agent in agents.items() for cid in agent.caller_client_ids}
+        self._identified = {name: IdentifiedAgent(name, agent) for name, agent in agents.items()}  # made once
         self._mode = mode
 
     @property
@@ -41,10 +42,10 @@ class AgentDirectory:
             log.warning("agent_identified_by_header", agent=claimed, subject_client=principal.client_id)
             if claimed is None or claimed not in self._agents:
                 raise AuthorizationDenied("X-Agent-ID must name a configured agent", agent_id=claimed)
-            return IdentifiedAgent(claimed, self._agents[claimed])
+            return self._identified[claimed]
         name = self._by_client_id.get(principal.client_id or "")
         if name is None:
             raise AuthorizationDenied("the token's client is not a configured agent", agent_id=None)
         if claimed is not None and claimed != name:
             raise AuthorizationDenied("X-Agent-ID does not match the agent the token was issued to", agent_id=name)
-        return IdentifiedAgent(name, self._agents[name])
+        return self._identified[name]
