@@ -323,6 +323,20 @@ async def test_batches_by_size_then_by_delay(store: Store) -> None:
     assert await count_rows(store.engine) == 256
 
 
+async def test_a_large_batch_goes_in_multi_row_inserts_and_keeps_every_value(store: Store) -> None:
+    sizes = insert_batches(store.engine)
+    writer = store.writer(AuditConfig(queue_size=1000), max_batch=777, max_delay=60.0)
+    events = [
+        make_event(index, status=200 + index % 300, bytes_out=index, mcp_name=f"tool-{index}") for index in range(777)
+    ]
+    for audit_event in events:
+        await writer.record(audit_event)
+    await writer.start()
+    await writer.flush()
+    assert sizes == [777]  # one transaction: 3 × 256 rows, then 8, then 1
+    assert [stored.event for stored in await query_events(store.engine)] == events
+
+
 async def test_drop_policy_counts_what_it_drops(store: Store) -> None:
     writer = store.writer(AuditConfig(queue_size=10, when_full="drop"))
     for index in range(25):

@@ -30,6 +30,8 @@ import asyncio
 import json
 import math
 import operator
+import re
+import sqlite3
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -55,8 +57,10 @@ _RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 log = get_logger(__name__)
 _table = audit_events
 _FIELDS = AuditEvent._fields
-# Rows per multi-row INSERT: within the bound-parameter limit of any SQLite build (999 before 3.32) and PostgreSQL.
-ROWS_PER_STATEMENT = 999 // len(_FIELDS)
+# Rows in the largest multi-row INSERT (a power of two): a batch of up to twice as many goes in one statement per
+# set bit of its size. Within the bound-parameter limits: SQLite's 32 766 (999 before 3.32), PostgreSQL's 32 767.
+MAX_ROWS_PER_STATEMENT = 256
+_PARAMETER = re.compile(r"\$(\d+)")  # a numbered parameter ($1, asyncpg's style)
 _TEXT_FIELDS = frozenset(
     c.name for c in _table.columns if isinstance(c.type, Text) and c.name in _FIELDS and c.name != "arguments"
 )
@@ -103,29 +107,54 @@ def _aware_time(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _insert_statement(dialect: Dialect, rows: int) -> str:
-    """The INSERT of `rows` rows; its parameters are each row's values in `AuditEvent` field order."""
-    values: list[dict[str, Any]] = [{name: bindparam(f"{name}_{i}") for name in _FIELDS} for i in range(rows)]
-    compiled = insert(_table).values(values).compile(dialect=dialect)
-    if list(compiled.positiontup or []) != [f"{name}_{i}" for i in range(rows) for name in _FIELDS]:
+def _insert_statement(dialect: Dialect) -> str:
+    """The one-row INSERT; its parameters are the values in `AuditEvent` field order."""
+    # inline(): no RETURNING of the generated id (which PostgreSQL would otherwise send back for a one-row INSERT)
+    compiled = insert(_table).values({name: bindparam(name) for name in _FIELDS}).inline().compile(dialect=dialect)
+    if list(compiled.positiontup or []) != list(_FIELDS):
         raise RuntimeError("audit_events INSERT does not bind the AuditEvent fields in their order")
     return str(compiled)
+
+
+def _multi_row(single: str, rows: int) -> str:
+    """`single` (a one-row INSERT) extended to `rows` rows: its VALUES group repeated, numbered parameters
+    renumbered for each row (`?` parameters need nothing)."""
+    head, values, group = single.partition(" VALUES ")
+    if not values or not (group.startswith("(") and group.endswith(")")):
+        raise RuntimeError("audit_events INSERT has an unexpected shape")
+    width = len(_FIELDS)
+
+    def renumbered(row: int) -> str:
+        return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + row * width}", group)
+
+    return head + values + ", ".join(renumbered(row) for row in range(rows))
+
+
+def _rows_per_statement(dialect: Dialect) -> int:
+    limit = 32_766
+    if dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 32, 0):
+        limit = 999
+    rows = MAX_ROWS_PER_STATEMENT
+    while rows * len(_FIELDS) > limit:
+        rows //= 2
+    return rows
 
 
 class RowEncoder:
     """Turns events into `audit_events` parameter tuples for one dialect, sanitised so the database accepts them,
     and groups them into INSERT statements.
 
-    The statements are compiled once and run with plain tuples: per row this is a copy of the event (a tuple in
+    The statement is compiled once and run with plain tuples: per row this is a copy of the event (a tuple in
     column order) and a few string checks, with no per-column SQLAlchemy processing on the event loop. A batch goes
-    in multi-row INSERTs (`VALUES (…), (…), …`) of `ROWS_PER_STATEMENT` rows: the database does less per
-    row, and SQLite's driver gives up and takes back the GIL once per statement instead of once per row — on a
-    busy core that hand-over between the event loop and the driver's thread cost about as much as the insert.
+    in a few multi-row INSERTs (`VALUES (…), (…), …`; see `statements`): the database does less per row, and
+    SQLite's driver gives up and takes back the GIL once per statement instead of once per row, a hand-over
+    between the event loop and the driver's thread that is costly on a busy core.
     """
 
     def __init__(self, dialect: Dialect, *, record_arguments: bool) -> None:
-        self.sql = _insert_statement(dialect, 1)
-        self.multi_row_sql = _insert_statement(dialect, ROWS_PER_STATEMENT)
+        self.sql = _insert_statement(dialect)
+        self._statements = {1: self.sql}  # by row count: powers of two, made when first needed
+        self.max_rows = _rows_per_statement(dialect)
         self._text_at = tuple(i for i, name in enumerate(_FIELDS) if name in _TEXT_FIELDS)
         self._texts = operator.itemgetter(*self._text_at)
         self._float_at = tuple(i for i, name in enumerate(_FIELDS) if name in _FLOAT_FIELDS)
@@ -134,17 +163,30 @@ class RowEncoder:
         self._time = _sqlite_time if dialect.name == "sqlite" else _aware_time
         self.record_arguments = record_arguments
 
+    def statement(self, rows: int) -> str:
+        """The INSERT of `rows` rows (a power of two up to `max_rows`); its parameters row after row."""
+        sql = self._statements.get(rows)
+        if sql is None:
+            sql = self._statements[rows] = _multi_row(self.sql, rows)
+        return sql
+
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """(INSERT, parameter sets) pairs that write `rows`: each whole chunk of `ROWS_PER_STATEMENT` rows with the
-        multi-row statement, the rest (a batch's tail, or all of a small batch) with the one-row statement."""
-        size = ROWS_PER_STATEMENT
-        whole = len(rows) - len(rows) % size
+        """(INSERT, parameter sets) pairs that write `rows`: whole chunks of `max_rows` rows with the largest
+        statement (one parameter set each), then the rest in one statement per set bit of its count — a batch of
+        500 rows is 6 statements (256 + 128 + 64 + 32 + 16 + 4)."""
+        size = self.max_rows
+        start = len(rows) - len(rows) % size
         result = []
-        if whole:
-            chunks = [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, whole, size)]
-            result.append((self.multi_row_sql, chunks))
-        if whole < len(rows):
-            result.append((self.sql, rows[whole:]))
+        if start:
+            chunks = [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, start, size)]
+            result.append((self.statement(size), chunks))
+        while size > 1:
+            size //= 2
+            if (len(rows) - start) & size:
+                result.append((self.statement(size), [tuple(chain.from_iterable(rows[start : start + size]))]))
+                start += size
+        if start < len(rows):
+            result.append((self.sql, [rows[start]]))
         return result
 
     def encode(self, event: AuditEvent) -> tuple[Any, ...]:
