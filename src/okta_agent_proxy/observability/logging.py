@@ -197,13 +197,26 @@ class _JsonLines:
         self.wrapper_class: Any = None
 
     def in_place(self) -> bool:
-        """Whether structlog still runs this setup (a test may have swapped in its own since)."""
+        """Whether structlog still runs this setup (a test may have swapped in its own since). Asked for every
+        request line: read from structlog's live configuration object when it has the expected shape, which
+        costs a fraction of `structlog.get_config()` (a new dict each call)."""
+        live = _STRUCTLOG_CONFIG
+        if live is not None:
+            return (
+                getattr(live, "default_processors", None) is self.processors
+                and getattr(live, "logger_factory", None) is self.logger_factory
+                and getattr(live, "default_wrapper_class", None) is self.wrapper_class
+            )
         config = structlog.get_config()
         return (
             config["processors"] is self.processors
             and config["logger_factory"] is self.logger_factory
             and config["wrapper_class"] is self.wrapper_class
         )
+
+
+# The object behind `structlog.get_config()` (structlog._config._CONFIG), if this structlog version has it.
+_STRUCTLOG_CONFIG: Any = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
 
 
 _json_lines: _JsonLines | None = None
@@ -344,6 +357,8 @@ class RequestLine:
         ms: float,
     ) -> None:
         lines = _json_lines
+        if lines is not None and lines.level > logging.INFO and lines.in_place():
+            return  # not logged at this level
         key = (method, path, backend, agent, status, outcome)
         middle = self._middles.get(key)
         if middle is None:
@@ -358,9 +373,8 @@ class RequestLine:
             and not _needs_masking(request_id)
             and not structlog.contextvars.get_contextvars()
         ):
-            if lines.level <= logging.INFO:
-                line = '{"request_id": ' + _escape(request_id) + middle + ', "ms": ' + float.__repr__(ms)
-                lines.out.info(line + _REQUEST_TAIL + _now_iso() + '"}')
+            line = '{"request_id": ' + _escape(request_id) + middle + ', "ms": ' + float.__repr__(ms)
+            lines.out.info(line + _REQUEST_TAIL + _now_iso() + '"}')
             return
         fields = {"request_id": request_id, **dict(zip(_REQUEST_FIELDS, key, strict=True)), "ms": ms}
         log_info(self._logger, "request", fields)
