@@ -30,6 +30,7 @@ from sqlalchemy import inspect as inspect_schema
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig, GatewayConfig
+from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.config_store import SECRET, config_changes, config_file_hash, save_config
 from okta_agent_proxy.store.db import (
     Store,
@@ -348,15 +349,21 @@ async def test_drop_policy_counts_what_it_drops(store: Store) -> None:
     assert await request_ids(store.engine) == [f"req-{i:05d}" for i in range(10)]
 
 
-async def test_block_policy_waits_for_room(store: Store) -> None:
-    writer = store.writer(AuditConfig(queue_size=5, when_full="block"), max_delay=0.0)
-    for index in range(5):
+async def fill_until_blocked(writer: AuditWriter, capacity: int) -> asyncio.Task[None]:
+    """Record events 0 … `capacity` into a writer that is not started and blocks when full: the last one waits."""
+    for index in range(capacity):
         await writer.record(make_event(index))
-    blocked = asyncio.create_task(writer.record(make_event(5)))
+    blocked = asyncio.create_task(writer.record(make_event(capacity)))
     for _ in range(10):
         await asyncio.sleep(0)
     assert not blocked.done()
-    assert writer.queue_depth == 5
+    assert writer.queue_depth == capacity
+    return blocked
+
+
+async def test_block_policy_waits_for_room(store: Store) -> None:
+    writer = store.writer(AuditConfig(queue_size=5, when_full="block"), max_delay=0.0)
+    blocked = await fill_until_blocked(writer, 5)
     await writer.start()
     await asyncio.wait_for(blocked, WAIT_SECONDS)
     await writer.close()
@@ -366,12 +373,7 @@ async def test_block_policy_waits_for_room(store: Store) -> None:
 
 async def test_a_reloaded_audit_section_applies_at_once(store: Store) -> None:
     writer = store.writer(AuditConfig(queue_size=5, when_full="block", record_arguments=False), max_delay=0.0)
-    for index in range(5):
-        await writer.record(make_event(index))
-    blocked = asyncio.create_task(writer.record(make_event(5)))
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert not blocked.done()
+    blocked = await fill_until_blocked(writer, 5)
     writer.reconfigure(AuditConfig(queue_size=8, when_full="drop", record_arguments=True))
     await asyncio.wait_for(blocked, WAIT_SECONDS)  # the larger queue has room: the blocked event goes in
     for index in range(6, 12):
