@@ -11,18 +11,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import jwt
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 
 from okta_agent_proxy.devkit.okta_emulator import ORG, OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.stacks import ValidatingBackend, ec_agent_key, validating_backend
 
 GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AUDIENCE = "api://okta-agent-proxy-tests"
@@ -30,53 +27,6 @@ CURSOR = "wlp_cursor_agent"
 ALICE, BOB, GHOST = User("alice@example.com"), User("bob@example.com"), User("ghost@example.com")
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
-
-
-def agent_key() -> tuple[dict[str, Any], dict[str, Any]]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = json.loads(ECAlgorithm.to_jwk(key))
-    public = {k: v for k, v in private.items() if k != "d"}
-    return {**private, "kid": "cursor-key-1"}, {**public, "kid": "cursor-key-1", "alg": "ES256", "use": "sig"}
-
-
-@dataclass
-class ValidatingBackend:
-    """An MCP endpoint that accepts only tokens its own AS minted for its own resource URL."""
-
-    idp: OktaEmulator
-    resource: str = ""
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    caller_tokens_seen: list[str] = field(default_factory=list)
-    reject_next: int = 0
-    serve_prm: bool = False
-
-    async def mcp(self, request: web.Request) -> web.Response:
-        authorization = request.headers.get("Authorization", "")
-        token = authorization.removeprefix("Bearer ")
-        self.caller_tokens_seen.append(token)
-        try:
-            kid = jwt.get_unverified_header(token)["kid"]
-            key = next(k for k in self.idp.jwks(BACKEND_AS)["keys"] if k["kid"] == kid)
-            claims = jwt.decode(
-                token,
-                jwt.PyJWK(key).key,
-                algorithms=["RS256"],
-                audience=self.resource,
-                issuer=self.idp.issuer(BACKEND_AS),
-            )
-        except (jwt.PyJWTError, KeyError, StopIteration):
-            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        if self.reject_next > 0:
-            self.reject_next -= 1
-            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        self.seen.append(claims)
-        body = await request.json()
-        return web.json_response({"jsonrpc": "2.0", "id": body.get("id"), "result": {"sub": claims["sub"]}})
-
-    async def prm(self, request: web.Request) -> web.Response:
-        if not self.serve_prm:
-            return web.Response(status=404)
-        return web.json_response({"resource": self.resource, "authorization_servers": [self.idp.issuer(BACKEND_AS)]})
 
 
 @dataclass
@@ -99,24 +49,17 @@ class Stack:
 async def stack(
     *, mode: str = "static", register_public_jwk: dict[str, Any] | None = None, subject: str = "access_token"
 ) -> AsyncIterator[Stack]:
-    private_jwk, public_jwk = agent_key()
+    key = ec_agent_key("cursor-key-1")
     servers = [
         AuthorizationServer(GATEWAY_AS, AUDIENCE),
         AuthorizationServer(BACKEND_AS, "api://employees", scopes=("employees:read",)),
     ]
-    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or public_jwk)]
+    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or key.public_jwk)]
     policy = XaaPolicy(agent_client_id=CURSOR, audience=BACKEND_AS)
-    async with OktaEmulator(auth_servers=servers, users=[ALICE, BOB], apps=apps, xaa_policies=[policy]) as idp:
-        backend = ValidatingBackend(idp)
-        app = web.Application()
-        app.router.add_post("/mcp", backend.mcp)
-        app.router.add_get("/.well-known/oauth-protected-resource/mcp", backend.prm)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        backend.resource = f"http://127.0.0.1:{port}/mcp"
+    async with (
+        OktaEmulator(auth_servers=servers, users=[ALICE, BOB], apps=apps, xaa_policies=[policy]) as idp,
+        validating_backend(idp, BACKEND_AS) as backend,
+    ):
         backend.serve_prm = mode == "dynamic"
         auth_config: dict[str, Any] = {"id_jag_mode": mode, "scopes": ["employees:read"]}
         if subject == "id_token":
@@ -135,14 +78,13 @@ async def stack(
                     "auth_config": auth_config,
                 }
             },
-            "agents": {"cursor": {"client_id": CURSOR, "private_key": private_jwk, "backend_access": ["employees"]}},
+            "agents": {
+                "cursor": {"client_id": CURSOR, "private_key": key.config_value, "backend_access": ["employees"]}
+            },
         }
         settings = {"OKTA_DOMAIN": idp.base_url, "OKTA_ISSUER": idp.issuer(GATEWAY_AS), "OKTA_AUDIENCE": AUDIENCE}
-        try:
-            async with running_gateway(config, settings=settings) as gateway, aiohttp.ClientSession() as http:
-                yield Stack(idp, backend, gateway, http)
-        finally:
-            await runner.cleanup()
+        async with running_gateway(config, settings=settings) as gateway, aiohttp.ClientSession() as http:
+            yield Stack(idp, backend, gateway, http)
 
 
 async def test_first_request_exchanges_then_the_token_is_cached_per_user() -> None:
@@ -152,9 +94,9 @@ async def test_first_request_exchanges_then_the_token_is_cached_per_user() -> No
         assert status == 200, body
         assert body["result"]["sub"] == ALICE.login
         assert (s.idp.xaa.id_jag_exchanges, s.idp.xaa.jwt_bearer_grants) == (1, 1)
-        assert s.backend.seen[0]["aud"] == s.backend.resource
-        assert s.backend.seen[0]["scp"] == ["employees:read"]
-        assert alice_token not in s.backend.caller_tokens_seen
+        assert s.backend.accepted[0]["aud"] == s.backend.resource
+        assert s.backend.accepted[0]["scp"] == ["employees:read"]
+        assert alice_token not in s.backend.tokens_seen
         assert (await s.call(alice_token))[0] == 200
         assert (await s.call())[0] == 200  # another token of the same user: same cache entry
         assert s.idp.xaa.id_jag_exchanges == 1
@@ -195,7 +137,7 @@ async def test_policy_refusal_is_403_and_the_idps_detail_stays_private() -> None
         s.idp.xaa.policies.clear()
         status, body, _ = await s.call()
         assert (status, body["error"], body["agent_id"]) == (403, "token_exchange_failed", "cursor")
-        assert s.backend.seen == []
+        assert s.backend.accepted == []
         status, _, _ = await s.call()  # the refusal is remembered briefly: no second trip to the IdP
         assert status == 403
         assert sum(s.idp.xaa.id_jag_failures.values()) == 1
@@ -211,7 +153,7 @@ async def test_idp_rejecting_the_subject_token_is_401_with_a_challenge() -> None
 
 
 async def test_invalid_client_is_502() -> None:
-    _, other_public = agent_key()
+    other_public = ec_agent_key("cursor-key-1").public_jwk
     async with stack(register_public_jwk=other_public) as s:
         status, body, _ = await s.call()
         assert (status, body["error"]) == (502, "token_exchange_failed")
@@ -245,4 +187,4 @@ async def test_id_token_subject_from_the_configured_header() -> None:
         async with s.http.post(s.gateway.url("/employees"), data=LIST, headers=headers) as response:
             assert response.status == 200, await response.text()
             assert (await response.json())["result"]["sub"] == ALICE.login
-        assert id_token not in s.backend.caller_tokens_seen
+        assert id_token not in s.backend.tokens_seen

@@ -17,19 +17,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import jwt
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from okta_agent_proxy.devkit.okta_emulator import ORG, JwksMode, OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
 
 from .gateway import DEFAULT_KEY, RunningGateway, psk_backend, running_gateway
+from .stacks import ValidatingBackend, ec_agent_key, validating_backend
 
 __all__ = ["SCENARIOS", "Answer", "ErrorStack", "error_stack"]
 
@@ -49,45 +48,6 @@ class Answer:
     headers: Mapping[str, str]
     body: bytes
     base_url: str  # the gateway's GATEWAY_BASE_URL, which the docs write as {base}
-
-
-def agent_key() -> tuple[dict[str, Any], dict[str, Any]]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = json.loads(ECAlgorithm.to_jwk(key))
-    public = {k: v for k, v in private.items() if k != "d"}
-    return {**private, "kid": "cursor-key-1"}, {**public, "kid": "cursor-key-1", "alg": "ES256", "use": "sig"}
-
-
-@dataclass
-class ValidatingBackend:
-    """An MCP endpoint that accepts only tokens its own AS minted for its own resource URL."""
-
-    idp: OktaEmulator
-    resource: str = ""
-    reject_next: int = 0
-    seen: list[dict[str, Any]] = field(default_factory=list)
-
-    async def mcp(self, request: web.Request) -> web.Response:
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-        try:
-            kid = jwt.get_unverified_header(token)["kid"]
-            key = next(k for k in self.idp.jwks(BACKEND_AS)["keys"] if k["kid"] == kid)
-            claims = jwt.decode(
-                token,
-                jwt.PyJWK(key).key,
-                algorithms=["RS256"],
-                audience=self.resource,
-                issuer=self.idp.issuer(BACKEND_AS),
-            )
-        except (jwt.PyJWTError, KeyError, StopIteration):
-            return web.Response(status=401, headers=challenge)
-        if self.reject_next > 0:
-            self.reject_next -= 1
-            return web.Response(status=401, headers=challenge)
-        self.seen.append(claims)
-        body = await request.json()
-        return web.json_response({"jsonrpc": "2.0", "id": body.get("id"), "result": {"sub": claims["sub"]}})
 
 
 @dataclass
@@ -118,25 +78,17 @@ async def error_stack(
 ) -> AsyncIterator[ErrorStack]:
     """The emulator, the validating backend and the gateway; `jwks_mode` is set before the gateway starts, so a
     "down" JWKS is down from the gateway's first fetch."""
-    private_jwk, public_jwk = agent_key()
+    key = ec_agent_key("cursor-key-1")
     servers = [
         AuthorizationServer(GATEWAY_AS, AUDIENCE),
         AuthorizationServer(BACKEND_AS, "api://employees", scopes=("employees:read",)),
     ]
-    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or public_jwk)]
+    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or key.public_jwk)]
     policy = XaaPolicy(agent_client_id=CURSOR, audience=BACKEND_AS)
     async with OktaEmulator(auth_servers=servers, users=[ALICE], apps=apps, xaa_policies=[policy]) as idp:
         idp.set_jwks_mode(jwks_mode)
-        backend = ValidatingBackend(idp)
-        app = web.Application()
-        app.router.add_post("/mcp", backend.mcp)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            backend.resource = f"http://127.0.0.1:{port}/mcp"
+        async with validating_backend(idp, BACKEND_AS) as backend:
+            partners = backend.resource.removesuffix("/mcp") + "/partners"
             config = {
                 "backends": {
                     "employees": {
@@ -150,12 +102,12 @@ async def error_stack(
                             "scopes": ["employees:read"],
                         },
                     },
-                    "partners": psk_backend(f"http://127.0.0.1:{port}/partners", "/partners", key=DEFAULT_KEY),
+                    "partners": psk_backend(partners, "/partners", key=DEFAULT_KEY),
                 },
                 "agents": {
                     "cursor": {
                         "client_id": CURSOR,
-                        "private_key": private_jwk,
+                        "private_key": key.config_value,
                         "scopes": ["mcp:read"],
                         "backend_access": ["employees"],
                     }
@@ -164,8 +116,6 @@ async def error_stack(
             settings = {"OKTA_DOMAIN": idp.base_url, "OKTA_ISSUER": idp.issuer(GATEWAY_AS), "OKTA_AUDIENCE": AUDIENCE}
             async with running_gateway(config, settings=settings) as gateway, aiohttp.ClientSession() as http:
                 yield ErrorStack(idp, backend, gateway, http)
-        finally:
-            await runner.cleanup()
 
 
 # ---- the scenarios, by their name in the SEQUENCE.md error table ----------------------------------------------
@@ -229,7 +179,7 @@ async def subject_rejected() -> Answer:
 
 
 async def agent_key_rejected() -> Answer:
-    _, other_public = agent_key()
+    other_public = ec_agent_key("cursor-key-1").public_jwk
     async with error_stack(register_public_jwk=other_public) as s:  # Okta holds another public key: invalid_client
         return await s.post("/employees", s.token())
 

@@ -369,6 +369,7 @@ class ValidatingBackend:
     request_ids_seen: list[str] = field(default_factory=list)
     accepted: list[dict[str, Any]] = field(default_factory=list)
     reject_next: int = 0
+    serve_prm: bool = False  # answer its RFC 9728 metadata (what dynamic `id_jag_mode` discovers); else 404
 
     async def mcp(self, request: web.Request) -> web.Response:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -393,13 +394,21 @@ class ValidatingBackend:
         body = await request.json()
         return web.json_response({"jsonrpc": "2.0", "id": body.get("id"), "result": {"sub": claims["sub"]}})
 
+    async def prm(self, request: web.Request) -> web.Response:
+        if not self.serve_prm:
+            return web.Response(status=404)
+        issuer = self.idp.issuer(self.auth_server)
+        return web.json_response({"resource": self.resource, "authorization_servers": [issuer]})
+
 
 @asynccontextmanager
 async def validating_backend(idp: OktaEmulator, auth_server: str = BACKEND_AS) -> AsyncIterator[ValidatingBackend]:
-    """A `ValidatingBackend` at `http://127.0.0.1:PORT/mcp` (its `resource`)."""
+    """A `ValidatingBackend` at `http://127.0.0.1:PORT/mcp` (its `resource`), with its metadata document at
+    `/.well-known/oauth-protected-resource/mcp`."""
     backend = ValidatingBackend(idp, auth_server)
     app = web.Application()
     app.router.add_post("/mcp", backend.mcp)
+    app.router.add_get("/.well-known/oauth-protected-resource/mcp", backend.prm)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
