@@ -12,9 +12,11 @@ import signal
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.errors import GatewayError, NotFound
+from okta_agent_proxy.errors import GatewayError, NotFound, UnreadableRequest
 from okta_agent_proxy.gateway import Gateway
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
@@ -29,6 +31,38 @@ from okta_agent_proxy.store.db import Store, migrate, open_store
 log = get_logger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+class _GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler, except for the answer to a request its HTTP parser refuses (an oversized or
+    malformed header, a bad request line): aiohttp's text quotes the offending bytes — the start of an oversized
+    `Authorization` header, say — where the gateway's JSON error body says what happened and quotes nothing."""
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)  # logs (without content) and closes
+        if not 400 <= status < 500:
+            return response
+        error = UnreadableRequest("the request could not be read as HTTP")
+        replacement = web.Response(status=status, body=error.body_bytes(), content_type="application/json")
+        replacement.force_close()
+        return replacement
+
+
+class _GatewayServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """`web.AppRunner` whose connections are `_GatewayRequestHandler`s (aiohttp offers no setting for the body of
+    its parse-error answers; the server it builds is given the subclass that makes them)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _GatewayServer
+        return server
 
 
 def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditWriter | None = None) -> web.Application:
@@ -138,7 +172,7 @@ async def _serve(
     reuse_port: bool,
     on_ready: Callable[[int], None] | None,
 ) -> None:
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
         handle_signals=False,
         access_log=None,

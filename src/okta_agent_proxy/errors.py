@@ -71,6 +71,13 @@ class MalformedJson(GatewayError):
         return {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": self.message}}
 
 
+class UnreadableRequest(GatewayError):
+    """400 (or the 4xx the HTTP parser chose): the request is not HTTP this server can read."""
+
+    status = 400
+    code = "bad_request"
+
+
 class Unauthenticated(GatewayError):
     """401: no usable token. The challenge is added by the pipeline, which knows the route's metadata URL."""
 

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from okta_agent_proxy.app import build_app
+from okta_agent_proxy.app import GatewayRunner, build_app
 from okta_agent_proxy.config_loader import LoadedConfig, load
 
 from .processes import LOOPBACK, ServerProcess, start_server
@@ -131,7 +131,7 @@ def _bound_socket() -> socket.socket:
 
 @asynccontextmanager
 async def _serve(sock: socket.socket, loaded: LoadedConfig) -> AsyncIterator[None]:
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         build_app(loaded), handler_cancellation=True, access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()

@@ -47,7 +47,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from okta_agent_proxy.app import GATEWAY, build_app
+from okta_agent_proxy.app import GATEWAY, GatewayRunner, build_app
 from okta_agent_proxy.config_loader import LoadedConfig
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
@@ -226,7 +226,7 @@ async def audited_gateway(
             writer = store.writer(loaded.config.audit, **(writer_options or {}))
             await writer.start()
             app = build_app(loaded, store=store, audit=writer)
-            runner = web.AppRunner(
+            runner = GatewayRunner(
                 app,
                 handler_cancellation=handler_cancellation,
                 access_log=None,
