@@ -16,9 +16,8 @@ What can be lost, and what cannot:
 - A database outage stalls the writer, which retries the batch in hand with backoff while the queue fills and the
   policy applies. Only a row the database rejects on its own (bad data) is skipped and counted in `failed`; the
   rest of its batch is written row by row.
-Rows are sanitised first so that what a caller controls cannot make an INSERT fail: text is capped in length, NUL
-and lone surrogates are replaced, and tool-call arguments (stored only with `audit.record_arguments`) become JSON
-text capped at 64 KiB. Errors are logged by type only — a driver message may quote the data being written.
+Rows are sanitised first (`audit_rows.py`) so that what a caller controls cannot make an INSERT fail. Errors are
+logged by type only — a driver message may quote the data being written.
 
 Old rows are pruned every `prune_interval` seconds, in chunks (short write locks on SQLite): whatever is older than
 `audit.retention_days`.
@@ -27,199 +26,33 @@ Old rows are pruned every `prune_interval` seconds, in chunks (short write locks
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import operator
-import re
-import sqlite3
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from itertools import chain
 from typing import Any, TypedDict
 
-from sqlalchemy import Dialect, Double, Text, bindparam, delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig
 from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.store.audit_rows import RowEncoder
 from okta_agent_proxy.store.events import AuditEvent
 from okta_agent_proxy.store.models import audit_events
 
-__all__ = ["ARGUMENTS_LIMIT", "TEXT_LIMIT", "AuditWriter", "RowEncoder", "WriterOptions"]
+__all__ = ["AuditWriter", "WriterOptions"]
 
-TEXT_LIMIT = 4096  # characters of any one text field
-ARGUMENTS_LIMIT = 65_536  # characters of the arguments' JSON
 PRUNE_CHUNK = 5_000
 _RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 
 log = get_logger(__name__)
 _table = audit_events
-_FIELDS = AuditEvent._fields
-# Rows in the largest multi-row INSERT (a power of two): a batch of up to twice as many goes in one statement per
-# set bit of its size. Within the bound-parameter limits: SQLite's 32 766 (999 before 3.32), PostgreSQL's 32 767.
-MAX_ROWS_PER_STATEMENT = 256
-_PARAMETER = re.compile(r"\$(\d+)")  # a numbered parameter ($1, asyncpg's style)
-_TEXT_FIELDS = frozenset(
-    c.name for c in _table.columns if isinstance(c.type, Text) and c.name in _FIELDS and c.name != "arguments"
-)
-_FLOAT_FIELDS = frozenset(c.name for c in _table.columns if isinstance(c.type, Double))
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _text(value: str, limit: int = TEXT_LIMIT) -> str:
-    if len(value) <= limit and value.isascii() and "\x00" not in value:
-        return value  # the common case, checked in C
-    if len(value) > limit:
-        value = value[: limit - 1] + "…"
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL
-        value = value.replace("\x00", "\ufffd")
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate (from a JSON "\ud800" escape) cannot be stored as UTF-8
-        value = value.encode("utf-8", "replace").decode()
-    return value
-
-
-def _arguments(value: Any) -> str | None:
-    if value is None:
-        return None
-    encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=lambda o: f"<{type(o).__name__}>")
-    if len(encoded) > ARGUMENTS_LIMIT:
-        encoded = json.dumps({"truncated": True, "chars": len(encoded)})
-    return _text(encoded, ARGUMENTS_LIMIT)
-
-
-def _sqlite_time(value: datetime) -> str:
-    # The text SQLAlchemy's SQLite DateTime stores and parses: naive UTC, microseconds always present.
-    if value.tzinfo is UTC:  # the recorder's: the same text without "+00:00", made in one step
-        return value.isoformat(sep=" ", timespec="microseconds")[:-6]
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
-
-
-def _aware_time(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def _insert_statement(dialect: Dialect) -> str:
-    """The one-row INSERT; its parameters are the values in `AuditEvent` field order."""
-    # inline(): no RETURNING of the generated id (which PostgreSQL would otherwise send back for a one-row INSERT)
-    compiled = insert(_table).values({name: bindparam(name) for name in _FIELDS}).inline().compile(dialect=dialect)
-    if list(compiled.positiontup or []) != list(_FIELDS):
-        raise RuntimeError("audit_events INSERT does not bind the AuditEvent fields in their order")
-    return str(compiled)
-
-
-def _multi_row(single: str, rows: int) -> str:
-    """`single` (a one-row INSERT) extended to `rows` rows: its VALUES group repeated, numbered parameters
-    renumbered for each row (`?` parameters need nothing)."""
-    head, values, group = single.partition(" VALUES ")
-    if not values or not (group.startswith("(") and group.endswith(")")):
-        raise RuntimeError("audit_events INSERT has an unexpected shape")
-    width = len(_FIELDS)
-
-    def renumbered(row: int) -> str:
-        return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + row * width}", group)
-
-    return head + values + ", ".join(renumbered(row) for row in range(rows))
-
-
-def _rows_per_statement(dialect: Dialect) -> int:
-    limit = 32_766
-    if dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 32, 0):
-        limit = 999
-    rows = MAX_ROWS_PER_STATEMENT
-    while rows * len(_FIELDS) > limit:
-        rows //= 2
-    return rows
-
-
-class RowEncoder:
-    """Turns events into `audit_events` parameter tuples for one dialect, sanitised so the database accepts them,
-    and groups them into INSERT statements.
-
-    The statement is compiled once and run with plain tuples: per row this is a copy of the event (a tuple in
-    column order) and a few string checks, with no per-column SQLAlchemy processing on the event loop. A batch goes
-    in a few multi-row INSERTs (`VALUES (…), (…), …`; see `statements`): the database does less per row, and
-    SQLite's driver gives up and takes back the GIL once per statement instead of once per row, a hand-over
-    between the event loop and the driver's thread that is costly on a busy core.
-    """
-
-    def __init__(self, dialect: Dialect, *, record_arguments: bool) -> None:
-        self.sql = _insert_statement(dialect)
-        self._statements = {1: self.sql}  # by row count: powers of two, made when first needed
-        self.max_rows = _rows_per_statement(dialect)
-        self._text_at = tuple(i for i, name in enumerate(_FIELDS) if name in _TEXT_FIELDS)
-        self._texts = operator.itemgetter(*self._text_at)
-        self._float_at = tuple(i for i, name in enumerate(_FIELDS) if name in _FLOAT_FIELDS)
-        self._time_at = _FIELDS.index("time")
-        self._arguments_at = _FIELDS.index("arguments")
-        self._time = _sqlite_time if dialect.name == "sqlite" else _aware_time
-        self.record_arguments = record_arguments
-
-    def statement(self, rows: int) -> str:
-        """The INSERT of `rows` rows (a power of two up to `max_rows`); its parameters row after row."""
-        sql = self._statements.get(rows)
-        if sql is None:
-            sql = self._statements[rows] = _multi_row(self.sql, rows)
-        return sql
-
-    def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """(INSERT, parameter sets) pairs that write `rows`: whole chunks of `max_rows` rows with the largest
-        statement (one parameter set each), then the rest in one statement per set bit of its count — a batch of
-        500 rows is 6 statements (256 + 128 + 64 + 32 + 16 + 4)."""
-        size = self.max_rows
-        start = len(rows) - len(rows) % size
-        result = []
-        if start:
-            chunks = [tuple(chain.from_iterable(rows[i : i + size])) for i in range(0, start, size)]
-            result.append((self.statement(size), chunks))
-        while size > 1:
-            size //= 2
-            if (len(rows) - start) & size:
-                result.append((self.statement(size), [tuple(chain.from_iterable(rows[start : start + size]))]))
-                start += size
-        if start < len(rows):
-            result.append((self.sql, [rows[start]]))
-        return result
-
-    def encode(self, event: AuditEvent) -> tuple[Any, ...]:
-        values = list(event)
-        if not _clean(self._texts(values)):
-            for i in self._text_at:
-                value = values[i]
-                if value is not None:
-                    values[i] = _text(value if isinstance(value, str) else str(value))
-        for i in self._float_at:
-            value = values[i]
-            if value is not None and not math.isfinite(value):
-                values[i] = -1.0  # SQLite would store NaN as NULL, breaking NOT NULL; -1 marks "not measurable"
-        values[self._time_at] = self._time(values[self._time_at])
-        values[self._arguments_at] = _arguments(event.arguments) if self.record_arguments else None
-        return tuple(values)
-
-
-def _clean(texts: tuple[Any, ...]) -> bool:
-    """Whether all these text fields can be stored as they are — checked on their concatenation, in C."""
-    try:
-        joined = "".join(filter(None, texts))
-    except TypeError:  # a field that is not a str
-        return False
-    if len(joined) > TEXT_LIMIT or "\x00" in joined:
-        return False
-    if joined.isascii():
-        return True
-    try:
-        joined.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class WriterOptions(TypedDict, total=False):
