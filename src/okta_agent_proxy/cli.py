@@ -19,6 +19,7 @@ from okta_agent_proxy.config import config_schema
 from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.doctor import doctor_command
 from okta_agent_proxy.keys_command import keys_group
+from okta_agent_proxy.observability.log_stream import write_all_waiting
 from okta_agent_proxy.observability.logging import configure, get_logger
 from okta_agent_proxy.settings import is_loopback_host
 
@@ -56,7 +57,10 @@ def _serve_one(
 
     loaded = _load_or_exit(config, env_file)
     configure(loaded.settings.LOG_LEVEL, loaded.settings.LOG_FORMAT)
-    run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port, migrate_store=migrate_store))
+    try:
+        run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port, migrate_store=migrate_store))
+    finally:
+        write_all_waiting()  # a --workers process ends without atexit handlers
 
 
 def _serve_workers(

@@ -67,9 +67,11 @@ class LineWriter:
                     pass
 
 
-def _write_all_waiting() -> None:
+def write_all_waiting() -> None:
+    """Write what every writer holds. Run at exit; call it too where a process ends without running `atexit`
+    handlers (a multiprocessing worker)."""
     for writer in list(_writers):
         writer.write_waiting()
 
 
-atexit.register(_write_all_waiting)
+atexit.register(write_all_waiting)
