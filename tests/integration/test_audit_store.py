@@ -338,6 +338,17 @@ async def test_a_large_batch_goes_in_multi_row_inserts_and_keeps_every_value(sto
     assert [stored.event for stored in await query_events(store.engine)] == events
 
 
+async def test_a_row_the_database_refuses_costs_only_that_row(store: Store) -> None:
+    writer = store.writer(AuditConfig(), max_batch=10, max_delay=60.0)
+    refused = make_event(1, status=None)  # NOT NULL: the database itself refuses it
+    for audit_event in (make_event(0), refused, make_event(2)):
+        await writer.record(audit_event)
+    await writer.start()
+    await writer.flush()
+    assert (writer.written, writer.failed) == (2, 1)  # the batch failed, then went row by row
+    assert await request_ids(store.engine) == ["req-00000", "req-00002"]
+
+
 async def test_drop_policy_counts_what_it_drops(store: Store) -> None:
     writer = store.writer(AuditConfig(queue_size=10, when_full="drop"))
     for index in range(25):
