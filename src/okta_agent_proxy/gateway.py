@@ -50,8 +50,9 @@ log = get_logger(__name__)
 _frozen = False
 # The young generation's size (objects allocated and still alive) that triggers a collection. CPython's default,
 # 700, is reached every few ms under load by what requests in flight and audit events waiting for their batch hold
-# for a moment: collections that found little garbage, 3-8 µs of CPU per request. At 10 000, only
-# lasting growth (or cyclic garbage, bounded to that many objects) starts one.
+# for a moment: collections that found little garbage, 3-8 µs of CPU per request. At 10 000, only lasting growth
+# (or cyclic garbage, bounded to that many objects) starts one. Requests leave no cycles, failed ones included
+# (tests/integration/test_memory.py): a cycle through a request would hold its body until a collection.
 GC_YOUNG_THRESHOLD = 10_000
 
 

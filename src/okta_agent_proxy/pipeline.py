@@ -127,12 +127,11 @@ class Pipeline:
                 add_challenge(error, self.settings.base_url, request.path)
             outcome = Outcome(error.status, error.code)
             return error_response(error, exchange.request_id)
-        except ConnectionResetError:
-            # The client went away while its answer was being sent (aiohttp's ClientConnectionResetError; a
-            # backend's failures are caught where they happen): 499, and nothing left to send. The response
-            # returned only lets aiohttp finish quietly — writing it fails on the closed connection.
-            return web.Response(status=CLIENT_CLOSED)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, ConnectionResetError) and _client_gone(request):
+                # The client went away while its answer was being written (aiohttp's ClientConnectionResetError):
+                # 499, and nothing left to send. The response returned only lets aiohttp finish quietly.
+                return web.Response(status=CLIENT_CLOSED)
             # A bug, not a client's fault: log it (without the request's content) and answer 500 in our shape.
             log.exception("unhandled_error", request_id=exchange.request_id, path=request.path[:200])
             internal = InternalError("the gateway failed to handle this request")
@@ -142,6 +141,9 @@ class Pipeline:
         finally:
             if exchange.route is not None:  # DESIGN.md §4: backend routes only
                 await self.recorder.finish(exchange, outcome)
+            # The error's traceback holds this frame, which holds the exchange (and the body): without this, each
+            # failed request would wait for the cyclic collector.
+            exchange.error = None
 
     def check_edge(self, request: web.Request) -> None:
         """`check_edge`, with the verdict on each `Host` value remembered."""
@@ -336,6 +338,11 @@ def _request_id(request: web.Request) -> str:
     if supplied and _REQUEST_ID.match(supplied):
         return supplied
     return f"{_now_ns() // 1_000_000:012x}{_random_bits(80):020x}"
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:

@@ -397,6 +397,14 @@ async def test_a_reloaded_audit_section_applies_at_once(store: Store) -> None:
     assert stored[-1].event.arguments == {"n": 7}  # arguments are stored from now on
 
 
+async def test_a_reload_to_drop_releases_the_calls_blocked_on_a_full_queue(store: Store) -> None:
+    writer = store.writer(AuditConfig(queue_size=5, when_full="block"), max_delay=0.0)
+    blocked = await fill_until_blocked(writer, 5)
+    writer.reconfigure(AuditConfig(queue_size=5, when_full="drop"))
+    await asyncio.wait_for(blocked, WAIT_SECONDS)  # no longer waiting: dropped, as the new policy says
+    assert (writer.queue_depth, writer.dropped) == (5, 1)
+
+
 async def test_close_writes_everything_queued(store: Store) -> None:
     writer = store.writer(AuditConfig(), max_batch=500, max_delay=3600.0)
     await writer.start()

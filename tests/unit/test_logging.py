@@ -122,6 +122,7 @@ def test_a_logged_exception_shows_its_type_and_stack_but_not_its_message(stderr:
         ("eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.sig", "POST", "/mcp", "bench", None, 401, "invalid_token", 1.5),
         ("r-5", "POST", "/mcp/Bearer abc.def", "bench", None, 200, "ok", 1.0),
         ("r-6", "POST", "/mcp", "bench", None, 200, "ok", float("nan")),
+        ("r-7", "POST", "/x/basıc dG9rZW4", "bench", None, 200, "ok", 1.0),  # "ı" matches "i" case-insensitively
     ],
 )
 def test_the_request_line_is_the_line_log_info_writes(stderr: CountingStream, values: tuple[object, ...]) -> None:
@@ -134,4 +135,22 @@ def test_the_request_line_is_the_line_log_info_writes(stderr: CountingStream, va
     log_info(log, "request", dict(zip(keys, values, strict=True)))
     written = [line.rsplit('"timestamp"', 1)[0] for line in stderr.getvalue().splitlines()]
     assert len(written) == 3 and written[0] == written[1] == written[2], written
-    assert "eyJzdWIiOiJ4In0" not in stderr.getvalue() and "Bearer abc" not in stderr.getvalue()
+    output = stderr.getvalue()
+    assert "eyJzdWIiOiJ4In0" not in output and "Bearer abc" not in output and "dG9rZW4" not in output
+
+
+def test_a_line_logged_while_a_write_is_under_way_goes_out_with_it() -> None:
+    """A signal handler or a garbage-collector callback may log while this thread is inside a write: no deadlock,
+    and the line follows the ones being written."""
+
+    class Nested(CountingStream):
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if self.writes == 1:
+                writer.msg("nested")  # re-entered from within the write
+            return written
+
+    stream = Nested()
+    writer = LineWriter(stream)
+    writer.msg("first")  # outside a loop: written at once
+    assert stream.getvalue() == "first\nnested\n"

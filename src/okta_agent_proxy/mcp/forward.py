@@ -172,6 +172,20 @@ class RelayStats:
     failure: str | None = None  # the error code when the backend failed after the response started
 
 
+def _drop_tracebacks(error: BaseException) -> None:
+    """Let go of the frames behind a client error we replace with our own: aiohttp's tracebacks and the frames in
+    them form reference cycles that hold the request (and its body) until the cyclic collector runs."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += (current.__cause__, current.__context__)
+
+
 class Forwarder:
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -201,9 +215,11 @@ class Forwarder:
                 response = await session.request(
                     method, target, headers=headers, data=body, timeout=timeouts[0], allow_redirects=False
                 )
-        except TimeoutError:
+        except TimeoutError as exc:
+            _drop_tracebacks(exc)
             raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as exc:
+            _drop_tracebacks(exc)
             raise BackendUnavailable(f"backend {backend_name} is unreachable") from None
         return response
 
@@ -243,6 +259,7 @@ class Forwarder:
                     stats.bytes_out += len(chunk)
                     await out.write(chunk)
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            _drop_tracebacks(exc)
             response.close()
             stats.failure = "backend_timeout" if isinstance(exc, TimeoutError) else "backend_unavailable"
             if is_sse:

@@ -25,7 +25,10 @@ class LineWriter:
 
     def __init__(self, target: TextIO) -> None:
         self.target = target
-        self._lock = threading.Lock()
+        # Reentrant: a line may be logged while this thread writes (a signal handler, a callback of the garbage
+        # collector); it is appended and goes out with the write under way.
+        self._lock = threading.RLock()
+        self._writing = False
         self._waiting: list[str] = []
         self._size = 0
         self._scheduled_in: asyncio.AbstractEventLoop | None = None  # the loop that will write what is waiting
@@ -57,14 +60,21 @@ class LineWriter:
 
     def write_waiting(self) -> None:
         with self._lock:
-            waiting, self._waiting, self._size = self._waiting, [], 0
-            self._scheduled_in = None
-            if waiting:
-                try:
-                    self.target.write("".join(waiting))
-                    self.target.flush()
-                except (OSError, ValueError):  # a closed or broken stderr: logging must never fail a request
-                    pass
+            if self._writing:
+                return  # called from within a write (see __init__): the loop below takes the new line too
+            self._writing = True
+            try:
+                while self._waiting:
+                    waiting, self._waiting, self._size = self._waiting, [], 0
+                    self._scheduled_in = None
+                    try:
+                        self.target.write("".join(waiting))
+                        self.target.flush()
+                    except (OSError, ValueError):  # a closed or broken stderr: logging must never fail a request
+                        pass
+            finally:
+                self._writing = False
+                self._scheduled_in = None
 
 
 def write_all_waiting() -> None:

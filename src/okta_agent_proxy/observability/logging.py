@@ -381,12 +381,12 @@ class RequestLine:
 
     def _middle(self, key: tuple[Any, ...]) -> str:
         middle = ""
-        if _encode is not None and _FLAT.issuperset(map(type, key)):
-            rendered = "".join(_encode(dict(zip(_REQUEST_FIELDS, key, strict=True)), 0))
-            if not _needs_masking(rendered):
-                middle = ", " + rendered[1:-1]
-        if len(self._middles) < _MIDDLES_MAX:
-            self._middles[key] = middle
+        texts = "\n".join(value for value in key if type(value) is str)  # as `redact` sees them, not escaped
+        if _encode is not None and _FLAT.issuperset(map(type, key)) and not _needs_masking(texts):
+            middle = ", " + "".join(_encode(dict(zip(_REQUEST_FIELDS, key, strict=True)), 0))[1:-1]
+        if len(self._middles) >= _MIDDLES_MAX:
+            self._middles.clear()  # many distinct paths: start over, so the common ones are remembered again
+        self._middles[key] = middle
         return middle
 
 

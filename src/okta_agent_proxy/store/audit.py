@@ -131,7 +131,7 @@ class AuditWriter:
         self._capacity = config.queue_size
         self._batch_ready_at = min(self._max_batch, config.queue_size)
         self._encoder.record_arguments = config.record_arguments
-        self._room.set()  # a larger queue has room for blocked `record()` calls
+        self._room.set()  # blocked `record()` calls look again: the queue may be larger, or the policy `drop`
         self._wake.set()  # a smaller batch threshold may already be reached
 
     async def start(self) -> None:
@@ -147,7 +147,7 @@ class AuditWriter:
             self.dropped += 1
             return
         if len(self._queue) >= self._capacity:
-            if self._config.when_full == "drop":
+            if self._drops_when_full():
                 self.dropped += 1
                 return
             self._blocked += 1
@@ -155,9 +155,15 @@ class AuditWriter:
                 while len(self._queue) >= self._capacity:
                     self._room.clear()
                     await self._room.wait()
+                    if self._drops_when_full() and len(self._queue) >= self._capacity:
+                        self.dropped += 1  # a reload switched to `drop` while this call waited
+                        return
             finally:
                 self._blocked -= 1
         self._enqueue(event)
+
+    def _drops_when_full(self) -> bool:
+        return self._config.when_full == "drop"  # read each time: a reload may change it while a call waits
 
     def _enqueue(self, event: AuditEvent) -> None:
         if not self._queue:

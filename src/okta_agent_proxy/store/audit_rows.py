@@ -98,10 +98,17 @@ def _multi_row(single: str, rows: int) -> str:
     return head + values + ", ".join(renumbered(row) for row in range(rows))
 
 
+def _sqlite_parameter_limit() -> int:
+    """The bound-parameter limit of the SQLite library in use (a build setting: 999 by default before 3.32)."""
+    connection = sqlite3.connect(":memory:")
+    try:
+        return connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    finally:
+        connection.close()
+
+
 def _rows_per_statement(dialect: Dialect) -> int:
-    limit = 32_766
-    if dialect.name == "sqlite" and sqlite3.sqlite_version_info < (3, 32, 0):
-        limit = 999
+    limit = _sqlite_parameter_limit() if dialect.name == "sqlite" else 32_767  # PostgreSQL's protocol: int16
     rows = MAX_ROWS_PER_STATEMENT
     while rows * len(_FIELDS) > limit:
         rows //= 2
