@@ -27,10 +27,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, event, insert, select, text
 from sqlalchemy import inspect as inspect_schema
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig, GatewayConfig
 from okta_agent_proxy.store.audit import AuditWriter
+from okta_agent_proxy.store.audit_rows import RowEncoder
 from okta_agent_proxy.store.config_store import SECRET, config_changes, config_file_hash, save_config
 from okta_agent_proxy.store.db import (
     Store,
@@ -347,6 +350,21 @@ async def test_a_row_the_database_refuses_costs_only_that_row(store: Store) -> N
     await writer.flush()
     assert (writer.written, writer.failed) == (2, 1)  # the batch failed, then went row by row
     assert await request_ids(store.engine) == ["req-00000", "req-00002"]
+
+
+def test_a_plain_event_is_written_as_it_is_where_the_driver_takes_its_values() -> None:
+    plain = make_event(0)
+    postgres = RowEncoder(asyncpg.dialect(), record_arguments=True)  # type: ignore[no-untyped-call]
+    assert postgres.encode(plain) is plain  # no copy for the usual request
+    for unusual in (
+        make_event(0, mcp_name="nul\x00"),
+        make_event(0, latency_ms=float("nan")),
+        make_event(0, arguments={}),
+    ):
+        row = postgres.encode(unusual)
+        assert row is not unusual and row != tuple(unusual)  # cleaned, replaced or encoded
+    sqlite_row = RowEncoder(sqlite.dialect(), record_arguments=False).encode(plain)
+    assert isinstance(sqlite_row[0], str)  # SQLite stores the time as text
 
 
 async def test_drop_policy_counts_what_it_drops(store: Store) -> None:

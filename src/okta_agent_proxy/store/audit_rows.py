@@ -133,6 +133,9 @@ class RowEncoder:
         self._text_at = tuple(i for i, name in enumerate(_FIELDS) if name in _TEXT_FIELDS)
         self._texts = operator.itemgetter(*self._text_at)
         self._float_at = tuple(i for i, name in enumerate(_FIELDS) if name in _FLOAT_FIELDS)
+        self._floats = operator.itemgetter(*self._float_at)
+        if [_FIELDS[i] for i in self._float_at] != ["latency_ms", "headers_ms"]:
+            raise RuntimeError("audit_events' float columns are not the ones `_as_is` checks")
         self._time_at = _FIELDS.index("time")
         self._arguments_at = _FIELDS.index("arguments")
         self._time = _sqlite_time if dialect.name == "sqlite" else _aware_time
@@ -144,6 +147,18 @@ class RowEncoder:
         if sql is None:
             sql = self._statements[rows] = _multi_row(self.sql, rows)
         return sql
+
+    def _as_is(self, event: AuditEvent) -> bool:
+        """Whether the event can be written as it is: a time the driver takes as it is (PostgreSQL; SQLite stores
+        text), no arguments, text that needs no cleaning and finite floats — the usual request on PostgreSQL."""
+        if self._time is not _aware_time or event.time.tzinfo is None or event.arguments is not None:
+            return False
+        latency, headers = self._floats(event)
+        return (
+            math.isfinite(latency)
+            and (headers is None or math.isfinite(headers))
+            and _clean(self._texts(event))
+        )
 
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
         """(INSERT, parameter sets) pairs that write `rows`: whole chunks of `max_rows` rows with the largest
@@ -165,6 +180,8 @@ class RowEncoder:
         return result
 
     def encode(self, event: AuditEvent) -> tuple[Any, ...]:
+        if self._as_is(event):
+            return event  # already a tuple in column order: no copy
         values = list(event)
         if not _clean(self._texts(values)):
             for i in self._text_at:
