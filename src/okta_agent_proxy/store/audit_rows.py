@@ -154,11 +154,7 @@ class RowEncoder:
         if self._time is not _aware_time or event.time.tzinfo is None or event.arguments is not None:
             return False
         latency, headers = self._floats(event)
-        return (
-            math.isfinite(latency)
-            and (headers is None or math.isfinite(headers))
-            and _clean(self._texts(event))
-        )
+        return math.isfinite(latency) and (headers is None or math.isfinite(headers)) and _clean(self._texts(event))
 
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
         """(INSERT, parameter sets) pairs that write `rows`: whole chunks of `max_rows` rows with the largest
