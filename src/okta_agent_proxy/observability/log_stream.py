@@ -66,7 +66,6 @@ class LineWriter:
             try:
                 while self._waiting:
                     waiting, self._waiting, self._size = self._waiting, [], 0
-                    self._scheduled_in = None
                     try:
                         self.target.write("".join(waiting))
                         self.target.flush()
@@ -74,7 +73,7 @@ class LineWriter:
                         pass
             finally:
                 self._writing = False
-                self._scheduled_in = None
+                self._scheduled_in = None  # whatever comes next is scheduled afresh
 
 
 def write_all_waiting() -> None:
