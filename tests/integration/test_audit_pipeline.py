@@ -571,19 +571,25 @@ async def scrape_metrics(s: Stack) -> str:
         return await response.text()
 
 
-async def test_record_arguments_turned_off_by_a_reload_applies_at_once(tmp_path: Path) -> None:
-    arguments = {"message": "before the reload"}
+@pytest.mark.parametrize("before", [True, False])
+async def test_record_arguments_changed_by_a_reload_applies_at_once(tmp_path: Path, before: bool) -> None:
+    arguments = {"message": "across the reload"}
     async with running_backend() as backend, database_url("sqlite", tmp_path) as url:
         backends = {"echo": psk_backend(backend.url("/mcp"), "/echo")}
         async with (
-            audited_gateway({"backends": backends, "audit": {"record_arguments": True}}, url) as gateway,
+            audited_gateway({"backends": backends, "audit": {"record_arguments": before}}, url) as gateway,
             aiohttp.ClientSession() as http,
         ):
-            answer = await send(http, gateway.url("/echo"), body=call("echo", 1, **arguments))
-            assert json.loads((await gateway.row(answer.request_id))["arguments"]) == arguments
-            await gateway.reload({"backends": backends, "audit": {"record_arguments": False}})
-            answer = await send(http, gateway.url("/echo"), body=call("echo", 2, **arguments))
-            assert (await gateway.row(answer.request_id))["arguments"] is None
+
+            async def stored_arguments(request_id: int) -> Any:
+                answer = await send(http, gateway.url("/echo"), body=call("echo", request_id, **arguments))
+                assert answer.status == 200
+                stored = (await gateway.row(answer.request_id))["arguments"]
+                return None if stored is None else json.loads(stored)
+
+            assert await stored_arguments(1) == (arguments if before else None)
+            await gateway.reload({"backends": backends, "audit": {"record_arguments": not before}})
+            assert await stored_arguments(2) == (None if before else arguments)
 
 
 @pytest.mark.parametrize("handler_cancellation", [True, False])
@@ -657,22 +663,6 @@ async def test_metrics_count_failed_token_exchanges(tmp_path: Path) -> None:
         assert answer.error == "token_exchange_failed"
         results = sample_values(await scrape_metrics(s), "oap_backend_credentials_total", "backend", "result")
         assert results[("employees", "token_exchange_failed")] >= 1, results
-
-
-async def test_record_arguments_turned_on_by_a_reload_applies(tmp_path: Path) -> None:
-    arguments = {"message": "after the reload"}
-    async with running_backend() as backend, database_url("sqlite", tmp_path) as url:
-        backends = {"echo": psk_backend(backend.url("/mcp"), "/echo")}
-        async with (
-            audited_gateway({"backends": backends, "audit": {"record_arguments": False}}, url) as gateway,
-            aiohttp.ClientSession() as http,
-        ):
-            answer = await send(http, gateway.url("/echo"), body=call("echo", 1, **arguments))
-            assert (await gateway.row(answer.request_id))["arguments"] is None
-            await gateway.reload({"backends": backends, "audit": {"record_arguments": True}})
-            answer = await send(http, gateway.url("/echo"), body=call("echo", 2, **arguments))
-            assert answer.status == 200
-            assert json.loads((await gateway.row(answer.request_id))["arguments"] or "null") == arguments
 
 
 async def test_a_failed_retry_row_keeps_the_backends_401(tmp_path: Path) -> None:

@@ -16,14 +16,20 @@ from typing import Any
 
 import aiohttp
 
-from okta_agent_proxy.devkit.okta_emulator import ORG, OktaEmulator, XaaPolicy
-from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import ORG, OktaEmulator
+from okta_agent_proxy.devkit.okta_emulator_keys import User
 from tests.support.gateway import RunningGateway, running_gateway
-from tests.support.stacks import ValidatingBackend, ec_agent_key, validating_backend
+from tests.support.stacks import CURSOR_CLIENT_ID as CURSOR
+from tests.support.stacks import EMPLOYEES_AS as BACKEND_AS
+from tests.support.stacks import (
+    GATEWAY_AS,
+    ValidatingBackend,
+    ec_agent_key,
+    employees_org,
+    validating_backend,
+)
 
-GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AUDIENCE = "api://okta-agent-proxy-tests"
-CURSOR = "wlp_cursor_agent"
 ALICE, BOB, GHOST = User("alice@example.com"), User("bob@example.com"), User("ghost@example.com")
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
@@ -49,15 +55,9 @@ class Stack:
 async def stack(
     *, mode: str = "static", register_public_jwk: dict[str, Any] | None = None, subject: str = "access_token"
 ) -> AsyncIterator[Stack]:
-    key = ec_agent_key("cursor-key-1")
-    servers = [
-        AuthorizationServer(GATEWAY_AS, AUDIENCE),
-        AuthorizationServer(BACKEND_AS, "api://employees", scopes=("employees:read",)),
-    ]
-    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or key.public_jwk)]
-    policy = XaaPolicy(agent_client_id=CURSOR, audience=BACKEND_AS)
+    key, org = employees_org(AUDIENCE, register_public_jwk=register_public_jwk)
     async with (
-        OktaEmulator(auth_servers=servers, users=[ALICE, BOB], apps=apps, xaa_policies=[policy]) as idp,
+        OktaEmulator(users=[ALICE, BOB], **org) as idp,
         validating_backend(idp, BACKEND_AS) as backend,
     ):
         backend.serve_prm = mode == "dynamic"

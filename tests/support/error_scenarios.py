@@ -24,17 +24,17 @@ import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from okta_agent_proxy.devkit.okta_emulator import ORG, JwksMode, OktaEmulator, XaaPolicy
-from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import ORG, JwksMode, OktaEmulator
+from okta_agent_proxy.devkit.okta_emulator_keys import User
 
 from .gateway import DEFAULT_KEY, RunningGateway, psk_backend, running_gateway
-from .stacks import ValidatingBackend, ec_agent_key, validating_backend
+from .stacks import CURSOR_CLIENT_ID as CURSOR
+from .stacks import EMPLOYEES_AS as BACKEND_AS
+from .stacks import GATEWAY_AS, ValidatingBackend, ec_agent_key, employees_org, validating_backend, xaa_backend
 
 __all__ = ["SCENARIOS", "Answer", "ErrorStack", "error_stack"]
 
-GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AUDIENCE = "api://okta-agent-proxy-docs"
-CURSOR = "wlp_cursor_agent"
 ALICE, GHOST = User("alice@example.com"), User("ghost@example.com")
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}})
@@ -78,30 +78,16 @@ async def error_stack(
 ) -> AsyncIterator[ErrorStack]:
     """The emulator, the validating backend and the gateway; `jwks_mode` is set before the gateway starts, so a
     "down" JWKS is down from the gateway's first fetch."""
-    key = ec_agent_key("cursor-key-1")
-    servers = [
-        AuthorizationServer(GATEWAY_AS, AUDIENCE),
-        AuthorizationServer(BACKEND_AS, "api://employees", scopes=("employees:read",)),
-    ]
-    apps = [App(CURSOR, "Cursor agent", public_jwk=register_public_jwk or key.public_jwk)]
-    policy = XaaPolicy(agent_client_id=CURSOR, audience=BACKEND_AS)
-    async with OktaEmulator(auth_servers=servers, users=[ALICE], apps=apps, xaa_policies=[policy]) as idp:
+    key, org = employees_org(AUDIENCE, register_public_jwk=register_public_jwk)
+    async with OktaEmulator(users=[ALICE], **org) as idp:
         idp.set_jwks_mode(jwks_mode)
         async with validating_backend(idp, BACKEND_AS) as backend:
             partners = backend.resource.removesuffix("/mcp") + "/partners"
             config = {
                 "backends": {
-                    "employees": {
-                        "url": backend.resource,
-                        "paths": ["/employees"],
-                        "auth_method": "okta-cross-app",
-                        "auth_config": {
-                            "id_jag_mode": "static",
-                            "target_authorization_server": idp.issuer(BACKEND_AS),
-                            "target_token_endpoint": idp.token_endpoint(BACKEND_AS),
-                            "scopes": ["employees:read"],
-                        },
-                    },
+                    "employees": xaa_backend(
+                        idp, backend.resource, "/employees", auth_server=BACKEND_AS, scopes=["employees:read"]
+                    ),
                     "partners": psk_backend(partners, "/partners", key=DEFAULT_KEY),
                 },
                 "agents": {

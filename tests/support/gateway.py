@@ -122,7 +122,8 @@ def load_config(
     return load(path, environ=dict(environ or {}), env_file=None, overrides=dict(settings or {}))
 
 
-def _bound_socket() -> socket.socket:
+def bound_socket() -> socket.socket:
+    """A TCP socket bound to a free loopback port, for a server to start on (the port is known before it does)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((LOOPBACK, 0))
@@ -150,7 +151,7 @@ async def running_gateway(
     environ: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningGateway]:
     """The gateway in the current event loop; `environ` resolves `${NAME}` references in the YAML."""
-    with _bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
+    with bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
         port: int = sock.getsockname()[1]
         loaded = load_config(config, Path(tmp), settings=_with_base_url(settings, port), environ=environ)
         async with _serve(sock, loaded):
@@ -166,7 +167,7 @@ def threaded_gateway(
     start_timeout: float = 10.0,
 ) -> Iterator[RunningGateway]:
     """The gateway in its own event loop on a daemon thread (for sync callers)."""
-    with _bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
+    with bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
         port: int = sock.getsockname()[1]
         loaded = load_config(config, Path(tmp), settings=_with_base_url(settings, port), environ=environ)
         loop = asyncio.new_event_loop()

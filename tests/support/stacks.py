@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -49,12 +48,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from okta_agent_proxy.app import GATEWAY, GatewayRunner, build_app
 from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
+from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
+from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
 from okta_agent_proxy.store.db import Store, async_database_url, display_url, migrate, open_store
 from okta_agent_proxy.store.models import audit_events
 
-from .gateway import ConfigInput, load_config
+from .gateway import ConfigInput, bound_socket, load_config
 from .node_tools import services_required
 from .processes import LOOPBACK
 
@@ -87,6 +87,8 @@ __all__ = [
 POSTGRES_URL = os.environ.get("OAP_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 DATABASES = ("sqlite", "postgresql")
 GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-backend"
+EMPLOYEES_AS = "aus-employees"  # the employees backend's AS, in `employees_org`
+CURSOR_CLIENT_ID = "wlp_cursor_agent"
 AUDIENCE = "api://okta-agent-proxy-tests"
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 WAIT_SECONDS = 10.0
@@ -195,13 +197,6 @@ class AuditedGateway:
         return rows[0]
 
 
-def _bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((LOOPBACK, 0))
-    return sock
-
-
 @asynccontextmanager
 async def audited_gateway(
     config: ConfigInput,
@@ -215,7 +210,7 @@ async def audited_gateway(
     """The gateway as `serve` assembles it (migrated store, started writer, `build_app(store=, audit=)`), in the
     running loop. On exit the server stops first, then the store closes (flushing the writer). Without
     `handler_cancellation` (aiohttp's default) a client that hangs up is only noticed when its answer is written."""
-    with _bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-audited-") as tmp:
+    with bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-audited-") as tmp:
         port: int = sock.getsockname()[1]
         values = {"GATEWAY_BASE_URL": f"http://{LOOPBACK}:{port}", "GATEWAY_PORT": port, **(settings or {})}
         values.setdefault("DATABASE_URL", database)
@@ -459,3 +454,20 @@ def rsa_agent_key(kid: str) -> AgentKey:
     body_lines = tuple(line for line in pem.splitlines() if line and not line.startswith("-----"))
     members = tuple(private[name] for name in ("d", "p", "q", "dp", "dq", "qi"))
     return AgentKey(pem, public, body_lines + members)
+
+
+def employees_org(
+    audience: str, *, register_public_jwk: Mapping[str, Any] | None = None
+) -> tuple[AgentKey, dict[str, Any]]:
+    """The Okta org of the Cross App Access tests and of the docs' error scenarios, as `OktaEmulator` keyword
+    arguments (users aside): the callers' AS (`GATEWAY_AS`, for `audience`), the employees backend's AS
+    (`EMPLOYEES_AS`), agent `cursor`'s app with a new EC key — or `register_public_jwk`, a key the agent does not
+    hold — and its Cross App Access policy. Returns the agent's key too."""
+    key = ec_agent_key("cursor-key-1")
+    servers = [
+        AuthorizationServer(GATEWAY_AS, audience),
+        AuthorizationServer(EMPLOYEES_AS, "api://employees", scopes=("employees:read",)),
+    ]
+    apps = [App(CURSOR_CLIENT_ID, "Cursor agent", public_jwk=dict(register_public_jwk or key.public_jwk))]
+    policies = [XaaPolicy(agent_client_id=CURSOR_CLIENT_ID, audience=EMPLOYEES_AS)]
+    return key, {"auth_servers": servers, "apps": apps, "xaa_policies": policies}
