@@ -4,7 +4,7 @@
   file once the process has exited (`close()` flushed the queue). SIGTERM under load: every answer has its row.
 - `kill -9` under load: every row whose batch was committed survives; what is lost is at most what was still
   queued. The writer `serve` starts is `AuditWriter`'s defaults (store/audit.py): a batch is committed when
-  `MAX_BATCH` (500) events wait or `MAX_DELAY` (0.2 s) after the first of them arrived. So the bound asserted is
+  `MAX_BATCH` events wait or `MAX_DELAY` seconds after the first of them arrived. So the bound asserted is
   `MAX_BATCH + queue_size` (the queue cannot hold more, and one batch may be in the middle of its INSERT), and in time:
   every request answered more than `SETTLE_SECONDS` before the kill has its row. The measured loss is printed and
   recorded as test properties (`lost`, `answered`, `answered_in_last_max_delay`, …).
@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from okta_agent_proxy.store.audit import MAX_BATCH, MAX_DELAY  # the writer `serve` starts uses these
 from okta_agent_proxy.store.events import AuditEvent
 from tests.support.backends import running_backend
 from tests.support.gateway import DEFAULT_KEY, gateway_config, gateway_process, psk_backend
@@ -39,7 +40,6 @@ from tests.support.processes import ServerProcess
 pytestmark = pytest.mark.slow
 REQUESTS = 1000
 CONCURRENCY = 20
-MAX_BATCH, MAX_DELAY = 500, 0.2  # AuditWriter's defaults, which `serve` uses (store/audit.py)
 QUEUE_SIZE = 2000  # audit.queue_size for these tests (with when_full: block, nothing is dropped)
 LOAD_SECONDS = 2.5  # how long the load runs before the kill -9 (several SETTLE_SECONDS, so old rows are checked)
 SETTLE_SECONDS = 1.0  # MAX_DELAY plus a generous allowance for the INSERT and a busy 2-core machine

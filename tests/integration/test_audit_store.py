@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, event, insert, select, text
+from sqlalchemy import Connection, Engine, event, insert, select, text
 from sqlalchemy import inspect as inspect_schema
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import asyncpg
@@ -45,6 +46,7 @@ from okta_agent_proxy.store.db import (
     open_store,
 )
 from okta_agent_proxy.store.events import AuditEvent
+from okta_agent_proxy.store.migrations import alembic_config
 from okta_agent_proxy.store.models import Model, audit_events
 from okta_agent_proxy.store.queries import AuditQuery, StoredEvent, follow_events, iter_events, query_events
 from tests.support.node_tools import REPO_ROOT
@@ -52,6 +54,7 @@ from tests.support.stacks import postgres_database
 from tests.unit.helpers import pem, pem_body_chunks, rsa_key
 
 # Recent (retention prunes by the real clock), with microseconds (they must survive the round trip).
+HEAD_REVISION = "0002"
 T0 = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=123456)
 WAIT_SECONDS = 10.0
 
@@ -116,20 +119,21 @@ async def _holds(result: bool | Awaitable[bool]) -> bool:
     return await result if inspect.isawaitable(result) else bool(result)
 
 
-def insert_batches(engine: AsyncEngine) -> list[int]:
+def insert_batches(engine: Engine) -> list[int]:
     """The rows each committed transaction inserted into audit_events, counted from the parameters the driver got
     (a batch is written with one or more multi-row INSERTs; other connections, such as the pruner's, commit too)."""
     sizes: list[int] = []
     pending: dict[int, int] = {}
 
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    @event.listens_for(engine, "before_cursor_execute")
     def _seen(connection: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
         if statement.startswith("INSERT INTO audit_events"):
-            parameter_sets = parameters if executemany else [parameters]
-            rows = sum(len(p) for p in parameter_sets) // len(AuditEvent._fields)
-            pending[id(connection)] = pending.get(id(connection), 0) + rows
+            rows_per_set = statement.partition(" VALUES ")[2].count("), (") + 1
+            pending[id(connection)] = pending.get(id(connection), 0) + rows_per_set * (
+                len(parameters) if executemany else 1
+            )
 
-    @event.listens_for(engine.sync_engine, "commit")
+    @event.listens_for(engine, "commit")
     def _committed(connection: Any) -> None:
         if rows := pending.pop(id(connection), 0):
             sizes.append(rows)
@@ -183,7 +187,7 @@ async def test_migrations_create_the_schema_of_the_models(database_url: str) -> 
     await migrate(database_url)
     engine = create_store_engine(database_url)
     try:
-        assert await _version(engine) == ["0001"]
+        assert await _version(engine) == [HEAD_REVISION]
         async with engine.connect() as connection:
             assert await connection.run_sync(_schema_diff) == []
             indexes = await connection.run_sync(lambda c: inspect_schema(c).get_indexes("audit_events"))
@@ -203,19 +207,57 @@ async def test_migrating_an_existing_database_keeps_its_rows(database_url: str) 
         for index in range(3):
             await writer.record(make_event(index))
         await writer.close()
-        await migrate(database_url)  # 0001 → head, then head → head: no-ops that must keep every row
+        await migrate(database_url)  # 0001 → head, then head → head: each must keep every row
         await migrate(database_url)
-        assert await _version(store.engine) == ["0001"]
+        assert await _version(store.engine) == [HEAD_REVISION]
         assert await request_ids(store.engine) == ["req-00000", "req-00001", "req-00002"]
     finally:
         await store.close()
+
+
+async def test_times_stored_before_0002_read_back_the_same_after_it(database_url: str) -> None:
+    """0002 turns SQLite's DATETIME text into integer microseconds, in place (PostgreSQL's timestamptz stays)."""
+    await migrate(database_url, "0001")
+    times = [T0, T0.replace(microsecond=0), T0.replace(microsecond=5), T0 + timedelta(days=400, microseconds=1)]
+    engine = create_store_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            sqlite_text = connection.dialect.name == "sqlite"
+            for index, moment in enumerate(times):
+                # As 0001's DATETIME column held it: on SQLite, SQLAlchemy's text (and one without its fraction).
+                stored: Any = moment
+                if sqlite_text:
+                    stored = moment.replace(tzinfo=None).isoformat(" ", "seconds" if index == 1 else "microseconds")
+                await connection.execute(
+                    text(
+                        "INSERT INTO audit_events (time, request_id, replica, http_method, path, status, outcome,"
+                        " latency_ms, bytes_in, bytes_out) VALUES (:time, :id, 'r', 'POST', '/mcp', 200, 'ok', 1, 0, 0)"
+                    ),
+                    {"time": stored, "id": f"req-{index}"},
+                )
+        async with engine.connect() as connection:
+            before = list((await connection.execute(text("SELECT time FROM audit_events ORDER BY id"))).scalars())
+        await migrate(database_url)
+        assert [stored.event.time for stored in await query_events(engine)] == sorted(times)
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_schema_diff) == []
+        async with engine.begin() as connection:  # and back: 0001's values again
+            await connection.run_sync(lambda sync: alembic_command.downgrade(alembic_config(sync), "0001"))
+        async with engine.connect() as connection:
+            after = list((await connection.execute(text("SELECT time FROM audit_events ORDER BY id"))).scalars())
+        expected = before  # PostgreSQL: untouched
+        if engine.dialect.name == "sqlite":  # SQLAlchemy's DATETIME text (the row stored without a fraction gets one)
+            expected = [moment.replace(tzinfo=None).isoformat(" ", "microseconds") for moment in times]
+        assert after == expected
+    finally:
+        await engine.dispose()
 
 
 async def test_replicas_migrating_at_once_do_not_race(database_url: str) -> None:
     await asyncio.gather(*(migrate(database_url) for _ in range(4)))
     engine = create_store_engine(database_url)
     try:
-        assert await _version(engine) == ["0001"]
+        assert await _version(engine) == [HEAD_REVISION]
     finally:
         await engine.dispose()
 
@@ -302,7 +344,7 @@ async def test_hostile_text_is_stored_not_rejected(store: Store) -> None:
 
 
 async def test_batches_by_size_then_by_delay(store: Store) -> None:
-    sizes = insert_batches(store.engine)
+    sizes = insert_batches(store.insert_engine)
     writer = store.writer(AuditConfig(), max_batch=100, max_delay=60.0)
     for index in range(250):
         await writer.record(make_event(index))
@@ -328,10 +370,19 @@ async def test_batches_by_size_then_by_delay(store: Store) -> None:
 
 
 async def test_a_large_batch_goes_in_multi_row_inserts_and_keeps_every_value(store: Store) -> None:
-    sizes = insert_batches(store.engine)
+    sizes = insert_batches(store.insert_engine)
     writer = store.writer(AuditConfig(queue_size=1000), max_batch=777, max_delay=60.0)
     events = [
-        make_event(index, status=200 + index % 300, bytes_out=index, mcp_name=f"tool-{index}") for index in range(777)
+        make_event(
+            index,
+            status=200 + index % 300,
+            bytes_out=index,
+            mcp_name=f"tool-{index}",
+            headers_ms=index / 7 if index % 2 else None,  # set in some rows of every statement
+            detail="refused" if index < 300 else None,  # in the first statements only
+            credential_cache_hit=index == 776 or None,  # in the last row only
+        )
+        for index in range(777)
     ]
     for audit_event in events:
         await writer.record(audit_event)
@@ -364,7 +415,8 @@ def test_a_plain_event_is_written_as_it_is_where_the_driver_takes_its_values() -
         row = postgres.encode(unusual)
         assert row is not unusual and row != tuple(unusual)  # cleaned, replaced or encoded
     sqlite_row = RowEncoder(sqlite.dialect(), record_arguments=False).encode(plain)
-    assert isinstance(sqlite_row[0], str)  # SQLite stores the time as text
+    assert sqlite_row[0] == (plain.time - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert sqlite_row[1:] == plain[1:]
 
 
 async def test_drop_policy_counts_what_it_drops(store: Store) -> None:

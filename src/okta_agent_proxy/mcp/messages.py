@@ -16,6 +16,7 @@ from okta_agent_proxy.errors import MalformedJson
 
 MODERN_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 _NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_ID_TYPES = (str, int)  # a tuple made once: `str | int` in the check would build a union on every message
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ def parse_message(body: bytes) -> McpMessage:
         return McpMessage("other")
     method = document.get("method")
     raw_id = document.get("id")
-    message_id = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    message_id = raw_id if isinstance(raw_id, _ID_TYPES) and not isinstance(raw_id, bool) else None
     if not isinstance(method, str):
         kind: Literal["response", "other"] = "response" if "result" in document or "error" in document else "other"
         return McpMessage(kind, id=message_id)

@@ -10,7 +10,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from okta_agent_proxy.config import AuditConfig
@@ -20,10 +20,13 @@ from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TO
 from okta_agent_proxy.store.events import AuditEvent
 
 log = get_logger(__name__)
+_from_timestamp, _wall_clock = datetime.fromtimestamp, time.time
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response was complete"
 
 
 class AuditSink(Protocol):
+    def offer(self, event: AuditEvent) -> bool: ...  # queued (or dropped) without waiting; False: call `record`
+
     async def record(self, event: AuditEvent) -> None: ...
 
     def reconfigure(self, config: AuditConfig) -> None: ...
@@ -122,39 +125,40 @@ class RequestRecorder:
             exchange.agent_id,
             outcome.status,
             outcome.code,
-            round(total * 1000, 1),
+            round(total * 10_000) / 10,  # ms to 0.1 (round(x, 1) formats decimals: 4x as costly)
         )
         if self._sink is None:
             return
-        principal, message = exchange.principal, exchange.message
+        principal, message, error = exchange.principal, exchange.message, exchange.error
         headers_ms = (relay.headers_sent_at - exchange.started) * 1000 if relay.headers_sent_at is not None else None
-        await self._sink.record(
-            AuditEvent(
-                time=datetime.now(UTC) - timedelta(seconds=total),
-                request_id=exchange.request_id,
-                replica=self._replica,
-                http_method=exchange.http_method,
-                path=exchange.path,
-                status=outcome.status,
-                outcome=outcome.code,
-                latency_ms=round(total * 1000, 3),
-                headers_ms=round(headers_ms, 3) if headers_ms is not None else None,
-                backend=backend,
-                user_sub=principal.subject if principal else None,
-                user_uid=principal.uid if principal else None,
-                token_jti=principal.jti if principal else None,
-                agent=exchange.agent_id,
-                client_id=principal.client_id if principal else None,
-                mcp_method=message.method if message else None,
-                mcp_name=message.name if message else None,
-                jsonrpc_id=str(message.id) if message and message.id is not None else None,
-                credential_method=exchange.credential_method,
-                credential_cache_hit=credential.cache_hit if credential else None,
-                id_jag_jti=credential.id_jag_jti if credential else None,
-                upstream_status=exchange.upstream_status,
-                bytes_in=len(exchange.body or b""),
-                bytes_out=relay.bytes_out,
-                detail=exchange.error.detail if exchange.error else None,
-                arguments=message.arguments if self._record_arguments and message else None,
-            )
+        # Positional, in field order (mypy checks each type): a third of the cost of 26 keyword arguments.
+        event = AuditEvent(
+            _from_timestamp(_wall_clock() - total, UTC),  # time: when the request arrived
+            exchange.request_id,
+            self._replica,
+            exchange.http_method,
+            exchange.path,
+            outcome.status,
+            outcome.code,
+            round(total * 1_000_000) / 1000,  # latency_ms, to the microsecond
+            round(headers_ms * 1000) / 1000 if headers_ms is not None else None,
+            backend,
+            principal.subject if principal else None,
+            principal.uid if principal else None,
+            principal.jti if principal else None,
+            exchange.agent_id,
+            principal.client_id if principal else None,
+            message.method if message else None,
+            message.name if message else None,
+            str(message.id) if message and message.id is not None else None,  # jsonrpc_id
+            exchange.credential_method,
+            credential.cache_hit if credential else None,
+            credential.id_jag_jti if credential else None,
+            exchange.upstream_status,
+            len(exchange.body or b""),  # bytes_in
+            relay.bytes_out,
+            error.detail if error else None,
+            message.arguments if self._record_arguments and message else None,
         )
+        if not self._sink.offer(event):
+            await self._sink.record(event)

@@ -16,8 +16,9 @@ What can be lost, and what cannot:
 - A database outage stalls the writer, which retries the batch in hand with backoff while the queue fills and the
   policy applies. Only a row the database rejects on its own (bad data) is skipped and counted in `failed`; the
   rest of its batch is written row by row.
-Rows are sanitised first (`audit_rows.py`) so that what a caller controls cannot make an INSERT fail. Errors are
-logged by type only — a driver message may quote the data being written.
+Rows are sanitised first (`audit_rows.py`) so that what a caller controls cannot make an INSERT fail, and inserted
+by an `Inserter` (`audit_inserts.py`: on the event loop for PostgreSQL, on a thread of its own for a SQLite file).
+Errors are logged by type only — a driver message may quote the data being written.
 
 Old rows are pruned every `prune_interval` seconds, in chunks (short write locks on SQLite): whatever is older than
 `audit.retention_days`.
@@ -33,17 +34,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig
 from okta_agent_proxy.observability.logging import get_logger
+from okta_agent_proxy.store.audit_inserts import EngineInserter, Inserter, RowsRefused, Statements
 from okta_agent_proxy.store.audit_rows import RowEncoder
 from okta_agent_proxy.store.events import AuditEvent
 from okta_agent_proxy.store.models import audit_events
 
-__all__ = ["AuditWriter", "WriterOptions"]
+__all__ = ["MAX_BATCH", "MAX_DELAY", "AuditWriter", "WriterOptions"]
 
+# A batch is written when MAX_BATCH events wait or MAX_DELAY seconds after the first arrived: under load, the
+# events of 0.2 s go in one transaction. Larger batches cost less per row (a commit, its WAL frames, the hand-off
+# to the inserter's thread, paid once per batch): going from 500 to 2000 took about 4 µs of CPU off each request
+# at 7,000 requests/s on SQLite.
+MAX_BATCH = 2000
+MAX_DELAY = 0.2
 PRUNE_CHUNK = 5_000
 _RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 
@@ -58,8 +65,8 @@ def _utcnow() -> datetime:
 class WriterOptions(TypedDict, total=False):
     """Tuning of an `AuditWriter` (the defaults suit a gateway)."""
 
-    max_batch: int  # rows per INSERT transaction (500)
-    max_delay: float  # seconds an event may wait for a batch to fill (0.2)
+    max_batch: int  # rows per INSERT transaction (MAX_BATCH)
+    max_delay: float  # seconds an event may wait for a batch to fill (MAX_DELAY)
     prune_interval: float  # seconds between retention prunes (3600)
     close_timeout: float  # seconds `close()` keeps trying an unreachable database (30)
     clock: Callable[[], datetime]  # now, in UTC, for retention
@@ -77,15 +84,17 @@ class AuditWriter:
         engine: AsyncEngine,
         config: AuditConfig,
         *,
-        max_batch: int = 500,
-        max_delay: float = 0.2,
+        inserter: Inserter | None = None,
+        max_batch: int = MAX_BATCH,
+        max_delay: float = MAX_DELAY,
         prune_interval: float = 3600.0,
         close_timeout: float = 30.0,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         if max_batch < 1 or max_delay < 0 or prune_interval <= 0:
             raise ValueError("max_batch must be ≥ 1, max_delay ≥ 0 and prune_interval > 0")
-        self._engine = engine
+        self._engine = engine  # for pruning
+        self._inserter = inserter or EngineInserter(engine)
         self._config = config
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -141,25 +150,34 @@ class AuditWriter:
         if self._prune_task is None and not self._closing:
             self._prune_task = asyncio.create_task(self._prune_loop(), name="audit-prune")
 
-    async def record(self, event: AuditEvent) -> None:
-        """Queue `event`. Returns at once unless the queue is full under `when_full: block`."""
+    def offer(self, event: AuditEvent) -> bool:
+        """Queue `event` if that needs no wait: True when it was queued or dropped (closing, or the queue full under
+        `when_full: drop`); False when the queue is full under `block` — then `await record(event)`."""
         if self._closing:
             self.dropped += 1
+            return True
+        if len(self._queue) < self._capacity:
+            self._enqueue(event)
+            return True
+        if self._drops_when_full():
+            self.dropped += 1
+            return True
+        return False
+
+    async def record(self, event: AuditEvent) -> None:
+        """Queue `event`. Returns at once unless the queue is full under `when_full: block`."""
+        if self.offer(event):
             return
-        if len(self._queue) >= self._capacity:
-            if self._drops_when_full():
-                self.dropped += 1
-                return
-            self._blocked += 1
-            try:
-                while len(self._queue) >= self._capacity:
-                    self._room.clear()
-                    await self._room.wait()
-                    if self._drops_when_full() and len(self._queue) >= self._capacity:
-                        self.dropped += 1  # a reload switched to `drop` while this call waited
-                        return
-            finally:
-                self._blocked -= 1
+        self._blocked += 1
+        try:
+            while len(self._queue) >= self._capacity:
+                self._room.clear()
+                await self._room.wait()
+                if self._drops_when_full() and len(self._queue) >= self._capacity:
+                    self.dropped += 1  # a reload switched to `drop` while this call waited
+                    return
+        finally:
+            self._blocked -= 1
         self._enqueue(event)
 
     def _drops_when_full(self) -> bool:
@@ -241,24 +259,16 @@ class AuditWriter:
         return self._closing or self._flush_target > self._settled
 
     async def _write(self, batch: list[AuditEvent]) -> None:
-        rows: list[tuple[Any, ...]] = []
-        encode = self._encoder.encode
-        for event in batch:
-            try:
-                rows.append(encode(event))
-            except Exception as exc:
-                log.error("audit_event_unusable", reason=type(exc).__name__, request_id=str(event.request_id)[:64])
-                self._settle(failed=1)
+        # Encoded where the rows are inserted: for a SQLite file on the inserter's thread, in one tight loop over the
+        # batch, which cost about half as much CPU as the same work did on the event loop between requests.
+        rows, statements, unusable = await self._inserter.call(self._prepare, batch)
+        if unusable:
+            self._settle(failed=unusable)
         retry = _RETRY_FIRST
         while rows:
             try:
-                async with self._engine.begin() as connection:
-                    for sql, parameters in self._encoder.statements(rows):
-                        if len(parameters) == 1:
-                            await connection.exec_driver_sql(sql, parameters[0])
-                        else:
-                            await connection.exec_driver_sql(sql, parameters)
-            except (DataError, IntegrityError):
+                await self._inserter.insert(statements)
+            except RowsRefused:
                 await self._write_one_by_one(rows)
                 return
             except Exception as exc:
@@ -275,11 +285,23 @@ class AuditWriter:
                 self._settle(written=len(rows))
                 return
 
+    def _prepare(self, batch: list[AuditEvent]) -> tuple[list[tuple[Any, ...]], Statements, int]:
+        """The batch's rows, the INSERTs that write them, and how many events could not be encoded (logged)."""
+        rows: list[tuple[Any, ...]] = []
+        encode = self._encoder.encode
+        unusable = 0
+        for event in batch:
+            try:
+                rows.append(encode(event))
+            except Exception as exc:
+                log.error("audit_event_unusable", reason=type(exc).__name__, request_id=str(event.request_id)[:64])
+                unusable += 1
+        return rows, self._encoder.statements(rows), unusable
+
     async def _write_one_by_one(self, rows: list[tuple[Any, ...]]) -> None:
         for row in rows:
             try:
-                async with self._engine.begin() as connection:
-                    await connection.exec_driver_sql(self._encoder.sql, [row])
+                await self._inserter.insert([(self._encoder.sql, [row])])
             except Exception as exc:
                 log.error("audit_row_rejected", reason=type(exc).__name__)
                 self._settle(failed=1)

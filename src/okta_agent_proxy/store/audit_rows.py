@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Dialect, Double, Text, bindparam, insert
 
 from okta_agent_proxy.store.events import AuditEvent
-from okta_agent_proxy.store.models import audit_events
+from okta_agent_proxy.store.models import audit_events, epoch_microseconds
 
 __all__ = ["ARGUMENTS_LIMIT", "MAX_ROWS_PER_STATEMENT", "TEXT_LIMIT", "RowEncoder"]
 
@@ -60,15 +60,6 @@ def _arguments(value: Any) -> str | None:
     if len(encoded) > ARGUMENTS_LIMIT:
         encoded = json.dumps({"truncated": True, "chars": len(encoded)})
     return _text(encoded, ARGUMENTS_LIMIT)
-
-
-def _sqlite_time(value: datetime) -> str:
-    # The text SQLAlchemy's SQLite DateTime stores and parses: naive UTC, microseconds always present.
-    if value.tzinfo is UTC:  # the recorder's: the same text without "+00:00", made in one step
-        return value.isoformat(sep=" ", timespec="microseconds")[:-6]
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
 
 
 def _aware_time(value: datetime) -> datetime:
@@ -122,8 +113,7 @@ class RowEncoder:
     The statement is compiled once and run with plain tuples: per row this is a copy of the event (a tuple in
     column order) and a few string checks, with no per-column SQLAlchemy processing on the event loop. A batch goes
     in a few multi-row INSERTs (`VALUES (…), (…), …`; see `statements`): the database does less per row, and
-    SQLite's driver gives up and takes back the GIL once per statement instead of once per row, a hand-over
-    between the event loop and the driver's thread that is costly on a busy core.
+    SQLite's driver gives up and takes back the GIL once per statement instead of once per row.
     """
 
     def __init__(self, dialect: Dialect, *, record_arguments: bool) -> None:
@@ -135,10 +125,10 @@ class RowEncoder:
         self._float_at = tuple(i for i, name in enumerate(_FIELDS) if name in _FLOAT_FIELDS)
         self._floats = operator.itemgetter(*self._float_at)
         if [_FIELDS[i] for i in self._float_at] != ["latency_ms", "headers_ms"]:
-            raise RuntimeError("audit_events' float columns are not the ones `_as_is` checks")
+            raise RuntimeError("audit_events' float columns are not the ones `_plain` checks")
         self._time_at = _FIELDS.index("time")
         self._arguments_at = _FIELDS.index("arguments")
-        self._time = _sqlite_time if dialect.name == "sqlite" else _aware_time
+        self._time = epoch_microseconds if dialect.name == "sqlite" else _aware_time
         self.record_arguments = record_arguments
 
     def statement(self, rows: int) -> str:
@@ -148,10 +138,10 @@ class RowEncoder:
             sql = self._statements[rows] = _multi_row(self.sql, rows)
         return sql
 
-    def _as_is(self, event: AuditEvent) -> bool:
-        """Whether the event can be written as it is: a time the driver takes as it is (PostgreSQL; SQLite stores
-        text), no arguments, text that needs no cleaning and finite floats — the usual request on PostgreSQL."""
-        if self._time is not _aware_time or event.time.tzinfo is None or event.arguments is not None:
+    def _plain(self, event: AuditEvent) -> bool:
+        """Whether all but the time can be written as it is: no arguments, text that needs no cleaning and finite
+        floats — the usual request."""
+        if event.arguments is not None:
             return False
         latency, headers = self._floats(event)
         return math.isfinite(latency) and (headers is None or math.isfinite(headers)) and _clean(self._texts(event))
@@ -159,7 +149,7 @@ class RowEncoder:
     def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
         """(INSERT, parameter sets) pairs that write `rows`: whole chunks of `max_rows` rows with the largest
         statement (one parameter set each), then the rest in one statement per set bit of its count — a batch of
-        500 rows is 6 statements (256 + 128 + 64 + 32 + 16 + 4)."""
+        2000 rows is 7 × 256 + 128 + 64 + 16: four statements."""
         size = self.max_rows
         start = len(rows) - len(rows) % size
         result = []
@@ -176,8 +166,11 @@ class RowEncoder:
         return result
 
     def encode(self, event: AuditEvent) -> tuple[Any, ...]:
-        if self._as_is(event):
-            return event  # already a tuple in column order: no copy
+        if self._plain(event):
+            time = event.time
+            if self._time is _aware_time and time.tzinfo is not None:
+                return event  # PostgreSQL: already a tuple in column order, no copy
+            return (self._time(time), *event[1:])
         values = list(event)
         if not _clean(self._texts(values)):
             for i in self._text_at:

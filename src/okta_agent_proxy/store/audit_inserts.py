@@ -1,0 +1,103 @@
+"""How a batch of audit rows reaches the database: one transaction of a few INSERT statements (`audit_rows.py`
+builds them), run by one of two inserters that `Store.writer` chooses between.
+
+- `EngineInserter` runs the transaction on the store's async engine: PostgreSQL (asyncpg does its network I/O on
+  the event loop, which costs the loop little) and an in-memory SQLite database.
+- `ThreadInserter` runs it on a sync SQLAlchemy engine in a thread of its own: a SQLite file. SQLite does its work
+  in the calling thread, and aiosqlite hands every call (cursor, execute, close, commit) to its thread and back; a
+  batch went through some 20 such hand-offs, each a fight for the GIL with the event loop. Here a batch is one
+  hand-off, and SQLite's own work runs while the thread has given the GIL up.
+
+Both raise `RowsRefused` when the database refuses the data itself (a constraint, a value it cannot store):
+retrying cannot help, but writing row by row saves the rest. Any other error (unreachable, locked) is raised as
+it is, for the writer to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["CLOSE_WAIT", "EngineInserter", "Inserter", "RowsRefused", "Statements", "ThreadInserter"]
+
+CLOSE_WAIT = 5.0
+A = TypeVar("A")
+R = TypeVar("R")
+Statements = list[tuple[str, list[tuple[Any, ...]]]]  # (INSERT, its parameter sets), as `RowEncoder.statements`
+
+# Python 3.11's sqlite3 looks each bound value that is not exactly a str, int, float or bytearray up in its adapter
+# registry — None and bool included — and when nothing is registered, asks the value for `__conform__`, which
+# formats an AttributeError only to drop it. Audit rows are mostly NULLs: that was about a quarter of the cost of
+# inserting one. Registered, each is a lookup that finds its adapter: None binds as NULL and a bool as 0/1, as
+# before. (`{}.get` returns None for any argument, without a Python frame.) The registry is process-wide; these
+# change no value.
+_NONE: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NONE.get)
+sqlite3.register_adapter(bool, int)
+
+
+class RowsRefused(Exception):
+    """The database refused the rows' data (the message names only the driver's error type)."""
+
+
+class Inserter(Protocol):
+    async def call(self, function: Callable[[A], R], argument: A) -> R:
+        """`function(argument)`, where this inserter works: on the event loop, or on its thread."""
+
+    async def insert(self, statements: Statements) -> None:
+        """Run `statements` in one transaction; `RowsRefused` if the data itself was refused."""
+
+
+class EngineInserter:
+    """Each batch in a transaction on an async engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def call(self, function: Callable[[A], R], argument: A) -> R:
+        return function(argument)
+
+    async def insert(self, statements: Statements) -> None:
+        try:
+            async with self._engine.begin() as connection:
+                for sql, parameters in statements:
+                    await connection.exec_driver_sql(sql, parameters[0] if len(parameters) == 1 else parameters)
+        except (DataError, IntegrityError) as exc:
+            raise RowsRefused(type(exc.orig).__name__) from None
+
+
+class ThreadInserter:
+    """Each batch in a transaction on a sync engine, in the one thread this inserter owns (which also closes the
+    engine's connections, at `close`). Writers may share one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-insert")
+
+    async def call(self, function: Callable[[A], R], argument: A) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, argument)
+
+    async def insert(self, statements: Statements) -> None:
+        await self.call(self._insert, statements)
+
+    def _insert(self, statements: Statements) -> None:
+        try:
+            with self.engine.begin() as connection:
+                for sql, parameters in statements:
+                    connection.exec_driver_sql(sql, parameters[0] if len(parameters) == 1 else parameters)
+        except (DataError, IntegrityError) as exc:
+            raise RowsRefused(type(exc.orig).__name__) from None
+
+    async def close(self) -> None:
+        """Close the engine's connections, after the insert in progress (waiting at most `CLOSE_WAIT` s for it: an
+        insert stuck on a locked database ends at its busy timeout, and the thread then closes them)."""
+        disposed = asyncio.get_running_loop().run_in_executor(self._thread, self.engine.dispose)
+        self._thread.shutdown(wait=False)
+        await asyncio.wait({disposed}, timeout=CLOSE_WAIT)
