@@ -419,6 +419,20 @@ def test_a_plain_event_is_written_as_it_is_where_the_driver_takes_its_values() -
     assert sqlite_row[1:] == plain[1:]
 
 
+def test_sqlite_inserts_name_only_the_columns_a_chunk_sets() -> None:
+    """SQLite binds a None through an adapter lookup: a column no row of a chunk sets is left to its NULL default."""
+    rows_of = [make_event(index, detail="x" if index == 3 else None) for index in range(6)]  # chunks of 4, then 2
+    sqlite_encoder = RowEncoder(sqlite.dialect(), record_arguments=False)
+    (first, [first_values]), (second, [second_values]) = sqlite_encoder.statements(
+        [sqlite_encoder.encode(e) for e in rows_of]
+    )
+    assert "detail" in first and "detail" not in second and "user_sub" not in first
+    assert len(first_values) == 4 * first.partition(" VALUES ")[2].split("), (")[0].count("?")
+    assert None not in second_values
+    postgres = RowEncoder(asyncpg.dialect(), record_arguments=False)  # type: ignore[no-untyped-call]
+    assert all("user_sub" in sql for sql, _ in postgres.statements([postgres.encode(e) for e in rows_of]))
+
+
 async def test_drop_policy_counts_what_it_drops(store: Store) -> None:
     writer = store.writer(AuditConfig(queue_size=10, when_full="drop"))
     for index in range(25):
