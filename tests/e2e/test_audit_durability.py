@@ -31,7 +31,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from okta_agent_proxy.store.audit import MAX_BATCH, MAX_DELAY  # the writer `serve` starts uses these
+from okta_agent_proxy.store.audit import MAX_DELAY
+from okta_agent_proxy.store.audit_inserts import ThreadInserter
 from okta_agent_proxy.store.events import AuditEvent
 from tests.support.backends import running_backend
 from tests.support.gateway import DEFAULT_KEY, gateway_config, gateway_process, psk_backend
@@ -40,6 +41,7 @@ from tests.support.processes import ServerProcess
 pytestmark = pytest.mark.slow
 REQUESTS = 1000
 CONCURRENCY = 20
+MAX_BATCH = ThreadInserter.max_batch  # the writer `serve` starts on a SQLite file uses it, and MAX_DELAY
 QUEUE_SIZE = 2000  # audit.queue_size for these tests (with when_full: block, nothing is dropped)
 LOAD_SECONDS = 2.5  # how long the load runs before the kill -9 (several SETTLE_SECONDS, so old rows are checked)
 SETTLE_SECONDS = 1.0  # MAX_DELAY plus a generous allowance for the INSERT and a busy 2-core machine

@@ -48,6 +48,8 @@ class RowsRefused(Exception):
 
 
 class Inserter(Protocol):
+    max_batch: int  # rows per transaction that suit it, at most
+
     async def call(self, function: Callable[[A], R], argument: A) -> R:
         """`function(argument)`, where this inserter works: on the event loop, or on its thread."""
 
@@ -57,6 +59,10 @@ class Inserter(Protocol):
 
 class EngineInserter:
     """Each batch in a transaction on an async engine."""
+
+    # The driver encodes a batch on the event loop, in one go: more than this made the loop's CPU per request grow
+    # (PostgreSQL, 2000 rows: +1.7 to +1.9 µs per request, in two runs of 10–12 rounds).
+    max_batch = 500
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -76,6 +82,10 @@ class EngineInserter:
 class ThreadInserter:
     """Each batch in a transaction on a sync engine, in the one thread this inserter owns (which also closes the
     engine's connections, at `close`). Writers may share one."""
+
+    # A commit, its WAL frames and the hand-off to the thread are paid once per batch: 2000 rows instead of 500 took
+    # about 4 µs of CPU off each request at 7 000 requests/s (mostly kernel time).
+    max_batch = 2000
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
