@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import json
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig, GatewayConfig
+from okta_agent_proxy.store import audit_inserts
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.audit_rows import RowEncoder
 from okta_agent_proxy.store.config_store import SECRET, config_changes, config_file_hash, save_config
@@ -249,6 +251,24 @@ async def test_times_stored_before_0002_read_back_the_same_after_it(database_url
         if engine.dialect.name == "sqlite":  # SQLAlchemy's DATETIME text (the row stored without a fraction gets one)
             expected = [moment.replace(tzinfo=None).isoformat(" ", "microseconds") for moment in times]
         assert after == expected
+    finally:
+        await engine.dispose()
+
+
+async def test_a_text_time_written_after_0002_by_a_process_not_yet_upgraded_still_reads(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'rolling.db'}"
+    await migrate(url)
+    engine = create_store_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO audit_events (time, request_id, replica, http_method, path, status, outcome,"
+                    " latency_ms, bytes_in, bytes_out) VALUES (:time, 'old', 'r', 'POST', '/mcp', 200, 'ok', 1, 0, 0)"
+                ),
+                {"time": T0.replace(tzinfo=None).isoformat(" ", "microseconds")},
+            )
+        assert [stored.event.time for stored in await query_events(engine)] == [T0]
     finally:
         await engine.dispose()
 
@@ -487,6 +507,35 @@ async def test_a_reload_to_drop_releases_the_calls_blocked_on_a_full_queue(store
     writer.reconfigure(AuditConfig(queue_size=5, when_full="drop"))
     await asyncio.wait_for(blocked, WAIT_SECONDS)  # no longer waiting: dropped, as the new policy says
     assert (writer.queue_depth, writer.dropped) == (5, 1)
+
+
+async def test_close_gives_up_on_an_insert_a_lock_holds_and_nothing_is_written_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds SQLite's write lock past the close budget: the batch in the inserter's thread is counted
+    as failed, and interrupted, so that it is not committed once the lock goes."""
+    monkeypatch.setattr(audit_inserts, "CLOSE_WAIT", 0.5)
+    database = tmp_path / "locked.db"
+    url = f"sqlite:///{database}"
+    await migrate(url)
+    store = await open_store(url)
+    writer = store.writer(AuditConfig(), max_delay=0.0)
+    await writer.start()
+    await asyncio.sleep(0.3)  # the first retention prune is done (a DELETE waiting for the lock would hold close)
+    locker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        for index in range(100):
+            assert writer.offer(make_event(index))
+        await asyncio.sleep(0.3)  # the insert now waits for the lock on the thread
+        await store.close(timeout=0.5)
+        assert (writer.written, writer.failed, writer.queue_depth) == (0, 100, 0)
+        await store.close()  # a second close does nothing
+    finally:
+        locker.execute("COMMIT")
+        await asyncio.sleep(0.5)  # time for the interrupted insert to have gone on, were it still running
+        assert locker.execute("SELECT count(*) FROM audit_events").fetchone()[0] == 0
+        locker.close()
 
 
 async def test_close_writes_everything_queued(store: Store) -> None:

@@ -266,6 +266,10 @@ class AuditWriter:
         while rows:
             try:
                 await self._inserter.insert(statements)
+            except asyncio.CancelledError:  # `close()` gave up on an insert that hangs (a database locked for long)
+                log.error("audit_rows_lost", reason="close_timeout", rows=len(rows))
+                self._settle(failed=len(rows))
+                raise
             except RowsRefused:
                 await self._write_one_by_one(rows)
                 return

@@ -90,6 +90,8 @@ class ThreadInserter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-insert")
+        self._inserting: Any = None  # the sqlite3 connection of the insert in progress, to interrupt at close
+        self._closed = False
 
     async def call(self, function: Callable[[A], R], argument: A) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, argument)
@@ -100,14 +102,25 @@ class ThreadInserter:
     def _insert(self, statements: Statements) -> None:
         try:
             with self.engine.begin() as connection:
+                self._inserting = connection.connection.driver_connection
                 for sql, parameters in statements:
                     connection.exec_driver_sql(sql, parameters[0] if len(parameters) == 1 else parameters)
         except (DataError, IntegrityError) as exc:
             raise RowsRefused(type(exc.orig).__name__) from None
+        finally:
+            self._inserting = None
 
     async def close(self) -> None:
-        """Close the engine's connections, after the insert in progress (waiting at most `CLOSE_WAIT` s for it: an
-        insert stuck on a locked database ends at its busy timeout, and the thread then closes them)."""
+        """Close the engine's connections, after the insert in progress. That insert gets `CLOSE_WAIT` s; then it
+        is interrupted (rolled back: the writer has counted its rows as failed), so that nothing is written after
+        the store is closed. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         disposed = asyncio.get_running_loop().run_in_executor(self._thread, self.engine.dispose)
         self._thread.shutdown(wait=False)
-        await asyncio.wait({disposed}, timeout=CLOSE_WAIT)
+        _, pending = await asyncio.wait({disposed}, timeout=CLOSE_WAIT)
+        inserting = self._inserting
+        if pending and inserting is not None:
+            inserting.interrupt()  # sqlite3 allows this from another thread
+            await asyncio.wait({disposed}, timeout=CLOSE_WAIT)

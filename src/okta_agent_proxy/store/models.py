@@ -84,11 +84,13 @@ class EpochMicroseconds(TypeDecorator[datetime]):
             return epoch_microseconds(value)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
-    def process_result_value(self, value: datetime | int | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(self, value: datetime | int | str | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if isinstance(value, int):  # SQLite
             return EPOCH + value * MICROSECOND
+        if isinstance(value, str):  # SQLite text from before 0002, written by a process not yet upgraded
+            value = datetime.fromisoformat(value)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
