@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, event, insert, select, text
 from sqlalchemy import inspect as inspect_schema
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import asyncpg
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from okta_agent_proxy.config import AuditConfig, GatewayConfig
 from okta_agent_proxy.store import audit_inserts
@@ -217,6 +217,17 @@ async def test_migrating_an_existing_database_keeps_its_rows(database_url: str) 
         await store.close()
 
 
+async def insert_row_with_time(connection: AsyncConnection, time: Any, request_id: str) -> None:
+    """A row whose time is bound as given, past the column type (as an older schema or process wrote it)."""
+    await connection.execute(
+        text(
+            "INSERT INTO audit_events (time, request_id, replica, http_method, path, status, outcome, latency_ms,"
+            " bytes_in, bytes_out) VALUES (:time, :request_id, 'r', 'POST', '/mcp', 200, 'ok', 1, 0, 0)"
+        ),
+        {"time": time, "request_id": request_id},
+    )
+
+
 async def test_times_stored_before_0002_read_back_the_same_after_it(database_url: str) -> None:
     """0002 turns SQLite's DATETIME text into integer microseconds, in place (PostgreSQL's timestamptz stays)."""
     await migrate(database_url, "0001")
@@ -230,13 +241,7 @@ async def test_times_stored_before_0002_read_back_the_same_after_it(database_url
                 stored: Any = moment
                 if sqlite_text:
                     stored = moment.replace(tzinfo=None).isoformat(" ", "seconds" if index == 1 else "microseconds")
-                await connection.execute(
-                    text(
-                        "INSERT INTO audit_events (time, request_id, replica, http_method, path, status, outcome,"
-                        " latency_ms, bytes_in, bytes_out) VALUES (:time, :id, 'r', 'POST', '/mcp', 200, 'ok', 1, 0, 0)"
-                    ),
-                    {"time": stored, "id": f"req-{index}"},
-                )
+                await insert_row_with_time(connection, stored, f"req-{index}")
         async with engine.connect() as connection:
             before = list((await connection.execute(text("SELECT time FROM audit_events ORDER BY id"))).scalars())
         await migrate(database_url)
@@ -261,13 +266,7 @@ async def test_a_text_time_written_after_0002_by_a_process_not_yet_upgraded_stil
     engine = create_store_engine(url)
     try:
         async with engine.begin() as connection:
-            await connection.execute(
-                text(
-                    "INSERT INTO audit_events (time, request_id, replica, http_method, path, status, outcome,"
-                    " latency_ms, bytes_in, bytes_out) VALUES (:time, 'old', 'r', 'POST', '/mcp', 200, 'ok', 1, 0, 0)"
-                ),
-                {"time": T0.replace(tzinfo=None).isoformat(" ", "microseconds")},
-            )
+            await insert_row_with_time(connection, T0.replace(tzinfo=None).isoformat(" ", "microseconds"), "old")
         assert [stored.event.time for stored in await query_events(engine)] == [T0]
     finally:
         await engine.dispose()

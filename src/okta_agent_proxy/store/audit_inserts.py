@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine
@@ -47,6 +48,20 @@ class RowsRefused(Exception):
     """The database refused the rows' data (the message names only the driver's error type)."""
 
 
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The driver's refusal of the data itself, as `RowsRefused`; any other error as it is."""
+    try:
+        yield
+    except (DataError, IntegrityError) as exc:
+        raise RowsRefused(type(exc.orig).__name__) from None
+
+
+def _driver_parameters(parameter_sets: list[tuple[Any, ...]]) -> Any:
+    """`exec_driver_sql`'s parameters: one set as itself (an execute), several as a list (an executemany)."""
+    return parameter_sets[0] if len(parameter_sets) == 1 else parameter_sets
+
+
 class Inserter(Protocol):
     max_batch: int  # rows per transaction that suit it, at most
 
@@ -71,12 +86,10 @@ class EngineInserter:
         return function(argument)
 
     async def insert(self, statements: Statements) -> None:
-        try:
+        with _refusals():
             async with self._engine.begin() as connection:
                 for sql, parameters in statements:
-                    await connection.exec_driver_sql(sql, parameters[0] if len(parameters) == 1 else parameters)
-        except (DataError, IntegrityError) as exc:
-            raise RowsRefused(type(exc.orig).__name__) from None
+                    await connection.exec_driver_sql(sql, _driver_parameters(parameters))
 
 
 class ThreadInserter:
@@ -101,12 +114,10 @@ class ThreadInserter:
 
     def _insert(self, statements: Statements) -> None:
         try:
-            with self.engine.begin() as connection:
+            with _refusals(), self.engine.begin() as connection:
                 self._inserting = connection.connection.driver_connection
                 for sql, parameters in statements:
-                    connection.exec_driver_sql(sql, parameters[0] if len(parameters) == 1 else parameters)
-        except (DataError, IntegrityError) as exc:
-            raise RowsRefused(type(exc.orig).__name__) from None
+                    connection.exec_driver_sql(sql, _driver_parameters(parameters))
         finally:
             self._inserting = None
 
