@@ -16,7 +16,7 @@ import click
 from okta_agent_proxy import __version__
 from okta_agent_proxy.audit_command import audit_command
 from okta_agent_proxy.config import config_schema
-from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.config_loader import ConfigError, ConfigSources, LoadedConfig, load
 from okta_agent_proxy.doctor import doctor_command
 from okta_agent_proxy.keys_command import keys_group
 from okta_agent_proxy.observability.log_stream import write_all_waiting
@@ -149,10 +149,29 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
 @_config_option
 @_env_file_option
 def check(config: str | None, env_file: str) -> None:
-    """Validate .env, the environment and the YAML; print every problem; exit 2 on errors."""
-    loaded = _load_or_exit(config, env_file)
+    """Validate .env, the environment and the YAML; print the files read and every problem; exit 2 on errors."""
+    try:
+        loaded = load(config, env_file=env_file)
+    except ConfigError as exc:
+        _echo_files_read(exc.sources, env_file)
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    _echo_files_read(loaded.sources, env_file)
+    for warning in loaded.warnings:
+        click.echo(str(warning), err=True)
     cfg = loaded.config
     click.echo(f"ok: {len(cfg.backends)} backend(s), {len(cfg.agents)} agent(s), {len(loaded.warnings)} warning(s)")
+
+
+def _echo_files_read(sources: ConfigSources | None, env_file: str) -> None:
+    """`read: <kind>: <path>` for each file the load read (never a content), so a wrong CONFIG_PATH shows."""
+    sources = sources or ConfigSources()
+    click.echo(f"read: env file: {sources.env_file or f'none ({env_file} does not exist)'}")
+    if sources.yaml is not None:
+        click.echo(f"read: config: {sources.yaml}")
+    for secret_file in sources.secret_files:
+        click.echo(f"read: secret file: {secret_file}")
 
 
 @cli.command("config-schema")

@@ -2,6 +2,8 @@
 
 Prints what goes under `agents.NAME` in config.yaml — the private key as PEM (PKCS#8), or, with `--out FILE`, a
 `{file: …}` reference to FILE, written with mode 0600 — and the public JWK to register on the AI agent in Okta.
+For an agent the YAML already has, the lines replace its `private_key` (and `key_id`): pasting a second `NAME:`
+under `agents:` is a duplicate-key error.
 The JWK's `kid` is the RFC 7638 thumbprint (what the gateway uses for a PEM key without `key_id`) unless `--kid`
 names another, in which case the YAML gets `key_id` too, so both sides name the key the same way.
 """
@@ -32,6 +34,18 @@ def _write_private(path: Path, pem: str) -> None:
     os.chmod(path, 0o600)  # whatever the umask
 
 
+def _echo_where_it_goes(agent: str, kid: str | None) -> None:
+    """A new agent takes the lines as they are; an existing one takes its key from them (a second `NAME:` under
+    `agents:` would be a duplicate key, and an old key_id left beside a new key would name the wrong key)."""
+    if kid is None:
+        existing = f"replace agents.{agent}.private_key with the one below, and delete agents.{agent}.key_id if set"
+    else:
+        existing = f"replace agents.{agent}.private_key and agents.{agent}.key_id with the ones below"
+    click.echo("# A new agent: paste under `agents:` in config.yaml, then add its client_id and backend_access.")
+    click.echo(f"# An existing agent: {existing}")
+    click.echo(f"# (a second `{agent}:` under `agents:` is a duplicate-key error).")
+
+
 @keys_group.command("generate")
 @click.option("--agent", "agent", required=True, help="The agent's name under `agents:` in config.yaml.")
 @click.option(
@@ -55,13 +69,15 @@ def generate(agent: str, out: Path | None, kid: str | None) -> None:
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
         reference = out.resolve()
-        click.echo(f"# Wrote the private key to {reference} (mode 0600). Paste under `agents:` in config.yaml;")
-        click.echo("# a relative {file: …} path is read from the YAML's folder.")
+        click.echo(f"# Wrote the private key to {reference} (mode 0600); a relative {{file: …}} path is read from")
+        click.echo("# the YAML's folder.")
+        _echo_where_it_goes(agent, kid)
         click.echo(f"{agent}:")
         click.echo(f"  private_key: {{file: {json.dumps(str(reference))}}}")
     else:
-        click.echo("# Paste under `agents:` in config.yaml. This is the private key: keep it out of git; better, put")
-        click.echo("# it in a file or a secret and use {file: path} or ${ENV_NAME} (`--out FILE` writes the file).")
+        click.echo("# This is the private key: keep it out of git; better, put it in a file or a secret and use")
+        click.echo("# {file: path} or ${ENV_NAME} (`--out FILE` writes the file).")
+        _echo_where_it_goes(agent, kid)
         click.echo(f"{agent}:")
         click.echo("  private_key: |")
         for line in pem.strip().splitlines():

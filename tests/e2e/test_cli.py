@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,11 +44,15 @@ def _environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run(
-    args: Sequence[str], *, module: str = "okta_agent_proxy", env: Mapping[str, str] | None = None
+    args: Sequence[str],
+    *,
+    module: str = "okta_agent_proxy",
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=_environment(env),
         capture_output=True,
         text=True,
@@ -72,6 +77,16 @@ def errors(stderr: str) -> set[str]:
 
 def warnings(stderr: str) -> set[str]:
     return {path for severity, path in problems(stderr) if severity == "warning"}
+
+
+def files_read(stdout: str) -> dict[str, list[str]]:
+    """`check`'s `read: <kind>: <path>` lines: {kind: [path, …]}."""
+    found: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        if line.startswith("read: "):
+            kind, _, path = line.removeprefix("read: ").partition(": ")
+            found.setdefault(kind, []).append(path)
+    return found
 
 
 def _env_file(directory: Path, drop: Sequence[str] = (), **values: str) -> Path:
@@ -141,9 +156,69 @@ def test_check_example_config_with_env_template_passes() -> None:
     assert "agents.cursor.private_key" in warnings(result.stderr)
 
 
-def test_check_reads_config_path_from_the_env_file() -> None:
-    result = run(["check", "--env-file", "env.template"])
+def test_check_reads_config_path_from_the_env_file(tmp_path: Path) -> None:
+    config = tmp_path / "chosen.yaml"
+    config.write_text(EXAMPLE_CONFIG.read_text())
+    result = run(["check", "--env-file", str(_env_file(tmp_path, CONFIG_PATH=str(config)))])
     assert result.returncode == 0, result.stderr
+    assert files_read(result.stdout)["config"] == [str(config)]
+
+
+def test_check_after_the_readme_steps_reads_config_yaml_and_says_so(tmp_path: Path) -> None:
+    """README "Running it": `cp env.template .env`, `cp config/config.example.yaml config/config.yaml`, `check`."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / ".env").write_text(ENV_TEMPLATE.read_text())
+    config = tmp_path / "config" / "config.yaml"
+    config.write_text(EXAMPLE_CONFIG.read_text())
+    result = run(["check"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert files_read(result.stdout) == {"env file": [str(tmp_path / ".env")], "config": [str(config)]}
+    # The file the user edits is the one in use: break it, and check says so.
+    config.write_text(EXAMPLE_CONFIG.read_text().replace("paths: [/partners]", "paths: [partners]"))
+    result = run(["check"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "backends.partners.paths[0]" in errors(result.stderr)
+
+
+def test_check_names_each_secret_file_never_its_content_and_says_when_there_is_no_env_file(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "psk.txt").write_text(SECRET)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "backends:\n  a: {url: 'http://a', paths: [/a], auth_method: pre-shared-key,"
+        " auth_config: {key: {file: secrets/psk.txt}}}\n"
+    )
+    result = run(["check", "--config", str(config), "--env-file", str(tmp_path / "absent.env")])
+    assert result.returncode == 0, result.stderr
+    read = files_read(result.stdout)
+    assert read["secret file"] == [str(tmp_path / "secrets" / "psk.txt")]
+    assert read["env file"][0].startswith("none")  # there was no .env file to read
+    assert SECRET not in result.stdout + result.stderr
+    # The files read are printed when the config has errors too.
+    config.write_text(config.read_text().replace("http://a", "a"))
+    result = run(["check", "--config", str(config), "--env-file", str(tmp_path / "absent.env")])
+    assert result.returncode == 2
+    assert files_read(result.stdout)["secret file"] == [str(tmp_path / "secrets" / "psk.txt")]
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_duplicate_key_exits_2_and_prints_both_lines(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "backends:\n"
+        "  partners: {url: 'http://partners.internal/mcp', paths: [/partners], auth_method: pre-shared-key,"
+        " auth_config: {key: k1}}\n"
+        "  reports: {url: 'http://reports.internal/mcp', paths: [/reports], auth_method: pre-shared-key,"
+        " auth_config: {key: k2}}\n"
+        "  partners: {url: 'http://elsewhere.example/mcp', paths: [/p2], auth_method: pre-shared-key,"
+        " auth_config: {key: k3}}\n"
+        "audit:\n  when_full: explode\n"
+    )
+    result = run(["check", "--config", str(config), "--env-file", str(tmp_path / "absent.env")])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert errors(result.stderr) == {"backends.partners", "audit.when_full"}
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error: backends.partners: "))
+    assert re.findall(r"\d+", line) == ["2", "4"]
 
 
 def test_check_prints_every_problem_with_its_path(tmp_path: Path) -> None:
@@ -231,7 +306,7 @@ def test_check_bad_environment_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_check_real_environment_wins_over_env_file(tmp_path: Path) -> None:
-    env_file = _env_file(tmp_path, GATEWAY_PORT="eighty")
+    env_file = _env_file(tmp_path, GATEWAY_PORT="eighty", CONFIG_PATH=str(EXAMPLE_CONFIG))
     result = run(["check", "--env-file", str(env_file)], env={"GATEWAY_PORT": "8123"})
     assert result.returncode == 0, result.stderr
 

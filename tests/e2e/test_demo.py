@@ -6,6 +6,7 @@ bash, so the test fails if the printed text drifts from what the gateway does.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,14 @@ from tests.support.processes import ServerProcess, start_server
 
 pytestmark = pytest.mark.slow
 OKTA_AGENT_PROXY = Path(sys.executable).with_name("okta-agent-proxy")
+AUDIT_PREFIX = "The audit log of this run: "
+
+
+def without_this_venv_on_path() -> dict[str, str]:
+    """The environment of a shell after `./run demo`: this venv's bin folder is not on PATH."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    path = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if Path(entry).resolve() != venv_bin]
+    return {**os.environ, "PATH": os.pathsep.join(path)}
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class Demo:
     exports: str
     commands: list[str]
     inspector: str
+    audit: str  # the printed `… audit --database-url …` command
 
     def run(self, command: str, env: dict[str, str] | None = None) -> str:
         result = subprocess.run(
@@ -60,7 +70,8 @@ def demo() -> Iterator[Demo]:
         ]
         inspector_start = text.index("npx -y @modelcontextprotocol/inspector")
         inspector = re.sub(r"\s+#.*$", "", " ".join(text[inspector_start:].split("\n", 2)[:2]).replace("\\", " "))
-        yield Demo(process, exports, commands, inspector)
+        audit = text.split(AUDIT_PREFIX, 1)[1].split("\n", 1)[0].strip()
+        yield Demo(process, exports, commands, inspector, audit)
 
 
 def test_printed_curl_commands_work(demo: Demo) -> None:
@@ -83,3 +94,32 @@ def test_printed_inspector_command_works(demo: Demo) -> None:
     command = demo.inspector.replace("npx -y @modelcontextprotocol/inspector@2.12.0", str(inspector))
     output = demo.run(command, env=env_with_node22())
     assert "list_partners" in output
+
+
+def test_printed_audit_command_runs_as_printed_and_shows_rows(demo: Demo) -> None:
+    demo.run(demo.commands[0])  # a call to partners, so there is a row to show
+    env = without_this_venv_on_path()
+    deadline = time.monotonic() + 15
+    while True:
+        rows = demo.run(demo.audit, env=env).splitlines()[1:]  # after the header
+        if any("partners" in row.split() for row in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
+def test_an_edited_demo_config_is_applied(demo: Demo) -> None:
+    """Last in this module: it changes the demo's config. Its secrets exist only in the demo process's memory, so
+    a reload must resolve them from the environment taken at start."""
+    database = re.search(r"sqlite:///(\S+?)'?$", demo.audit)
+    assert database is not None, demo.audit
+    config = Path(database.group(1)).parent / "config.yaml"
+    config.write_text(config.read_text().replace("paths: [/partners]", "paths: [/partners, /partners2]"))
+    command = demo.commands[0].replace("/partners ", "/partners2 ", 1)
+    assert command != demo.commands[0]
+    deadline = time.monotonic() + 20
+    while "list_partners" not in demo.run(command):
+        assert "config_reload_rejected" not in demo.process.output(), demo.process.describe()
+        assert time.monotonic() < deadline, demo.process.describe()
+        time.sleep(0.2)
+    assert "config_reload_rejected" not in demo.process.output()

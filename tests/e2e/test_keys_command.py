@@ -7,10 +7,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
-from okta_agent_proxy.config_loader import LoadedConfig, load
+from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.keys_command import PUBLIC_JWK_HEADER, keys_group
 
 
@@ -78,3 +79,38 @@ def test_out_never_replaces_an_existing_file(tmp_path: Path) -> None:
 
 def test_each_run_makes_a_new_key() -> None:
     assert generate("--agent", "a")[1]["kid"] != generate("--agent", "a")[1]["kid"]
+
+
+def _instructions(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if line.startswith("#"))
+
+
+def test_pasting_a_second_entry_for_an_existing_agent_is_refused_and_the_printed_way_works(tmp_path: Path) -> None:
+    """The output's own advice: a new `cursor:` beside the existing one is a duplicate key (never a silently
+    dropped key); replacing the existing entry's private_key, and deleting its old key_id, loads the new key."""
+    _, old_jwk, _ = generate("--agent", "cursor", "--kid", "old-kid")
+    snippet, jwk, output = generate("--agent", "cursor")
+    existing = {"client_id": "wlp_test_agent", "private_key": "${OLD_KEY}", "key_id": "old-kid"}
+    pasted = yaml.safe_dump({"agents": {"cursor": existing}}) + "".join(
+        f"  {line}\n" for line in output.partition(PUBLIC_JWK_HEADER)[0].splitlines() if line.strip()
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(pasted)
+    with pytest.raises(ConfigError) as refused:
+        load(path, environ={"OLD_KEY": "unused"}, env_file=None)
+    duplicate = [p for p in refused.value.problems if p.path == "agents.cursor" and p.severity == "error"]
+    assert len(duplicate) == 1, [str(p) for p in refused.value.problems]
+
+    advice = _instructions(output)
+    assert "agents.cursor.private_key" in advice and "agents.cursor.key_id" in advice
+    replaced = {k: v for k, v in existing.items() if k != "key_id"} | {"private_key": snippet["cursor"]["private_key"]}
+    key = load_agent(tmp_path, "cursor", replaced).config.agents["cursor"].private_key
+    assert key is not None and key.kid == jwk["kid"] != old_jwk["kid"]
+
+
+def test_with_a_kid_the_advice_for_an_existing_agent_replaces_its_key_id_too(tmp_path: Path) -> None:
+    snippet, jwk, output = generate("--agent", "cursor", "--kid", "cursor-2026-02")
+    assert "agents.cursor.key_id" in _instructions(output)
+    existing = {"client_id": "wlp_test_agent", "key_id": "cursor-2026-01"}
+    key = load_agent(tmp_path, "cursor", existing | snippet["cursor"]).config.agents["cursor"].private_key
+    assert key is not None and key.kid == jwk["kid"] == "cursor-2026-02"

@@ -1,4 +1,5 @@
-"""Config reload in a running `okta-agent-proxy serve`: by file change and by SIGHUP.
+"""Config reload in a running `okta-agent-proxy serve`: by file change and by SIGHUP (a rotated secret file, which
+the file watcher does not see).
 
 A valid change takes effect while a slow request started under the old config completes untouched; an invalid one
 is refused with every problem logged, and the old config keeps serving. Each applied change is in config_history.
@@ -74,13 +75,22 @@ async def test_reload_by_file_change_keeps_in_flight_requests_and_refuses_a_bad_
             assert history_rows(database) == 2
 
 
-async def test_reload_on_sighup(tmp_path: Path) -> None:
+async def test_reload_on_sighup_applies_a_rotated_secret_file(tmp_path: Path) -> None:
+    """SIGHUP, proved by a change the file watcher cannot see: it watches the YAML's bytes, and here only the
+    `{file: …}` secret the YAML references changes. The new key must reach the backend."""
+    key_file = tmp_path / "a.key"
+    key_file.write_text("first-key-0123456789\n")
     async with running_backend() as backend, aiohttp.ClientSession() as http:
-        first = gateway_config(a=psk_backend(backend.url("/mcp"), "/a"))
-        second = gateway_config(a=psk_backend(backend.url("/mcp"), "/a", enabled=False))
-        with gateway_process(first) as gateway:
-            config_path = Path(gateway.argv[gateway.argv.index("--config") + 1])
+        entry = psk_backend(backend.url("/mcp"), "/a")
+        entry["auth_config"]["key"] = {"file": str(key_file)}
+        with gateway_process(gateway_config(a=entry)) as gateway:
             assert await status_of(http, gateway.url("/a")) == 200
-            config_path.write_text(second, encoding="utf-8")
+            assert (await backend.last_request()).headers["X-API-Key"] == "first-key-0123456789"
+            key_file.write_text("second-key-0123456789\n")
             gateway.process.send_signal(signal.SIGHUP)
-            await wait_for_status(http, gateway.url("/a"), 404)
+            deadline = time.monotonic() + 15
+            while (await backend.last_request()).headers["X-API-Key"] != "second-key-0123456789":
+                assert time.monotonic() < deadline, gateway.describe()
+                assert gateway.alive(), gateway.describe()
+                await asyncio.sleep(0.1)
+                assert await status_of(http, gateway.url("/a")) == 200

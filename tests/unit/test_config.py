@@ -622,6 +622,144 @@ def test_config_path_comes_from_settings(tmp_path: Path, monkeypatch: pytest.Mon
     assert set(loaded.config.backends) == {"employees", "reports", "finance"}
 
 
+# --- duplicate keys: an error naming the key's path and both lines ---------------------------------------------------
+
+DUPLICATED_PARTNERS = f"""\
+backends:
+  partners:
+    url: http://partners.internal/mcp
+    paths: [/partners]
+    auth_method: pre-shared-key
+    auth_config:
+      key: ${{PSK}}
+  reports:
+    url: http://reports.internal/mcp
+    paths: [/reports]
+    auth_method: pre-shared-key
+    auth_config: {{key: "${{PSK}}"}}
+  partners:
+    url: http://elsewhere.example/mcp
+    paths: [/partners]
+    auth_method: pre-shared-key
+    auth_config:
+      key: {SECRET}
+      key: ${{PSK}}
+agents:
+  cursor: {{client_id: 0oa_cursor, backend_access: [partners], scopes: [mcp:read], scopes: [mcp:write]}}
+"""
+
+
+def duplicate_lines(problems: list[Problem]) -> dict[str, tuple[int, ...]]:
+    """{path: the line numbers its duplicate-key error names} (the lines are the assertion, not the wording)."""
+    return {
+        p.path: tuple(int(n) for n in re.findall(r"\d+", p.message))
+        for p in problems
+        if p.severity == "error" and "duplicate" in p.message
+    }
+
+
+def test_duplicate_keys_are_errors_naming_the_path_and_both_lines(tmp_path: Path) -> None:
+    problems = problems_of(write_yaml(tmp_path, DUPLICATED_PARTNERS), ENVIRON)
+    assert duplicate_lines(problems) == {
+        "backends.partners": (2, 13),
+        "backends.partners.auth_config.key": (18, 19),
+        "agents.cursor.scopes": (21, 21),  # a flow mapping: both on one line
+    }
+    assert "error: backends.partners: duplicate key (lines 2 and 13)" in [str(p) for p in problems]
+    assert not [p for p in problems if SECRET in str(p)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("backends: {}\nagents: {}\nbackends: {}\n", {"backends": (1, 3)}),
+        ("agents:\n  a: {client_id: c}\n  'a': {client_id: d}\n", {"agents.a": (2, 3)}),
+        ("backends:\n  x:\n    paths: [/x]\n    forward_headers: [a]\n    paths: [/y]\n", {"backends.x.paths": (3, 5)}),
+        ("agents:\n  a:\n    backend_access:\n      - {k: 1, k: 2}\n", {"agents.a.backend_access[0].k": (4, 4)}),
+    ],
+    ids=["root", "quoted-and-plain", "nested", "in-a-list"],
+)
+def test_duplicate_key_anywhere_is_found(tmp_path: Path, text: str, expected: dict[str, tuple[int, ...]]) -> None:
+    assert duplicate_lines(problems_of(write_yaml(tmp_path, text), ENVIRON)) == expected
+
+
+def test_a_merge_key_overridden_is_not_a_duplicate(tmp_path: Path) -> None:
+    text = """\
+x-partners: &partners
+  url: http://partners.internal/mcp
+  paths: [/partners]
+  auth_method: pre-shared-key
+  auth_config: {key: "${PSK}"}
+backends:
+  partners: *partners
+  partners-eu:
+    <<: *partners
+    paths: [/partners-eu]
+"""
+    problems = problems_of(write_yaml(tmp_path, text), ENVIRON)
+    assert duplicate_lines(problems) == {}
+    assert paths(problems) == {"x-partners"}  # only the unknown top-level key
+
+
+def test_duplicates_are_reported_with_every_other_problem(tmp_path: Path) -> None:
+    text = DUPLICATED_PARTNERS.replace("http://reports.internal/mcp", "reports.internal")
+    problems = problems_of(write_yaml(tmp_path, text), ENVIRON)
+    assert paths(problems) == {
+        "backends.partners",
+        "backends.partners.auth_config.key",
+        "agents.cursor.scopes",
+        "backends.reports.url",
+    }
+
+
+# --- what a load read, and its fingerprint ----------------------------------------------------------------------------
+
+
+def test_a_load_names_the_files_it_read(tmp_path: Path) -> None:
+    (tmp_path / "psk.txt").write_text("key-from-file\n")
+    doc = base_config()
+    doc["backends"]["employees"]["auth_config"]["key"] = {"file": "psk.txt"}
+    config = write_yaml(tmp_path, doc)
+    env_file = tmp_path / "gateway.env"
+    env_file.write_text("LOG_LEVEL=INFO\n")
+    loaded = load(config, environ=ENVIRON, env_file=str(env_file))
+    assert loaded.sources.yaml == str(config)
+    assert loaded.sources.env_file == str(env_file)
+    assert loaded.sources.secret_files == (str(tmp_path / "psk.txt"),)
+    assert load(config, environ=ENVIRON, env_file=str(tmp_path / "absent.env")).sources.env_file is None
+
+
+def test_the_fingerprint_follows_the_secret_files_and_the_yaml_hash_does_not(tmp_path: Path) -> None:
+    psk = tmp_path / "psk.txt"
+    psk.write_text("first-key")
+    doc = base_config()
+    doc["backends"]["employees"]["auth_config"]["key"] = {"file": "psk.txt"}
+    config = write_yaml(tmp_path, doc)
+    first = load_config(config, ENVIRON)
+    assert load_config(config, ENVIRON).fingerprint == first.fingerprint
+    psk.write_text("second-key")
+    second = load_config(config, ENVIRON)
+    assert second.fingerprint != first.fingerprint
+    assert second.source_hash == first.source_hash  # config_history's file_hash: the YAML's bytes only
+    assert "second-key" not in repr(second) and "first-key" not in repr(first)
+
+
+def test_the_environment_used_is_kept_for_a_reload_and_never_shown(tmp_path: Path) -> None:
+    environ = {**ENVIRON, "PSK": SECRET}
+    loaded = load_config(write_yaml(tmp_path, base_config()), environ)
+    environ["PSK"] = "changed later"
+    assert loaded.environ["PSK"] == SECRET  # a snapshot
+    assert SECRET not in repr(loaded)
+
+
+def test_a_secret_file_that_is_not_utf8_is_an_error_at_its_path(tmp_path: Path) -> None:
+    (tmp_path / "psk.bin").write_bytes(b"\xff\xfe\x00key")
+    doc = base_config()
+    doc["backends"]["employees"]["auth_config"]["key"] = {"file": "psk.bin"}
+    problems = problems_of(write_yaml(tmp_path, doc), ENVIRON)
+    assert paths(problems) == {"backends.employees.auth_config.key"}
+
+
 # --- environment problems ---------------------------------------------------------------------------------------------
 
 

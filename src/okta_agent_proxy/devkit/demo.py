@@ -6,7 +6,9 @@ key pair and a Cross App Access policy for `aus-employees` — and the two sampl
 `employees` accepts only access tokens `aus-employees` minted for it (so every call proves the ID-JAG exchange
 happened), `partners` only its pre-shared key. It writes a config that references the secrets as `${ENV}` (fresh
 values each run), runs the gateway in this process, and prints user tokens and commands that work as printed —
-one agent allowed, one denied. Ctrl-C stops everything.
+one agent allowed, one denied; the `audit` command with this installation's full path, since `./run demo` does not
+put the venv on PATH. The secrets exist only in this process: a reload of the edited config resolves them from the
+environment snapshot taken at start. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -95,6 +97,14 @@ EMPLOYEES_SERVER = "aus-employees"
 TOKEN_LIFETIME = 8 * 3600
 
 
+def cli_command() -> str:
+    """This installation's `okta-agent-proxy`, as a shell runs it: `./run demo` does not put the venv on PATH."""
+    script = Path(sys.executable).with_name("okta-agent-proxy")
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m okta_agent_proxy"
+
+
 def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdir: Path) -> str:
     accept = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
     cursor = '-H "Authorization: Bearer $CURSOR_TOKEN"'
@@ -108,6 +118,7 @@ def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdi
         '{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"slow_report",'
         '"arguments":{"steps":5},"_meta":{"progressToken":"demo"}}}'
     )
+    audit_url = shlex.quote(f"sqlite:///{workdir / 'audit.db'}")
     return f"""
 Okta Agent Proxy demo: the gateway is at {gateway}
   employees (Cross App Access) {gateway}/employees   (also {gateway}/hr)
@@ -131,7 +142,7 @@ Then try:
   npx -y @modelcontextprotocol/inspector@2.12.0 --cli {gateway}/partners --transport http --method tools/list \\
       --header "Authorization: Bearer $CURSOR_TOKEN"   # needs Node 22
 
-The audit log of this run: okta-agent-proxy audit --database-url sqlite:///{workdir}/audit.db
+The audit log of this run: {cli_command()} audit --database-url {audit_url}
 
 Press Ctrl-C to stop.
 """
