@@ -1,4 +1,9 @@
-"""`okta-agent-proxy audit`: read the audit log — a table for people, JSON lines for a SIEM, `--follow` to tail."""
+"""`okta-agent-proxy audit`: read the audit log — a table for people, JSON lines for a SIEM, `--follow` to tail.
+
+The store is opened read-only (`open_store(read_only=True)`): a missing SQLite file is an error, never created. A
+database that cannot be read — no file, an unsupported URL, a server that refuses, a database never migrated, a
+query that fails — is one line on stderr, `error: …` without the URL's password, and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,24 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from okta_agent_proxy.config_loader import load_settings
-from okta_agent_proxy.store.db import open_store
+from okta_agent_proxy.store.db import (
+    StoreConfigError,
+    StoreFileMissingError,
+    StoreUnavailableError,
+    async_database_url,
+    database_error_reason,
+    database_location,
+    open_store,
+)
 from okta_agent_proxy.store.queries import AuditQuery, StoredEvent, follow_events, iter_events
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 COLUMNS = ("time", "user", "agent", "backend", "mcp", "status", "outcome", "ms")
+EXIT_UNAVAILABLE = 2
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:
@@ -47,16 +62,31 @@ def table_row(stored: StoredEvent) -> str:
 
 
 async def run_audit(database_url: str, query: AuditQuery, *, as_json: bool, follow: bool) -> None:
-    store = await open_store(database_url)
+    """Print the matching events; raises `StoreConfigError` or `StoreUnavailableError` when the store cannot be read."""
+    store = await open_store(database_url, read_only=True)
     try:
         events = follow_events(store.engine, query) if follow else iter_events(store.engine, query)
-        if not as_json:
-            click.echo("  ".join(COLUMNS))
-        async for stored in events:
-            line = json.dumps(stored.as_json(), separators=(",", ":")) if as_json else table_row(stored)
-            click.echo(line)
+        async with contextlib.aclosing(events):
+            if not as_json:
+                click.echo("  ".join(COLUMNS))
+            while True:
+                try:
+                    stored = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except (OSError, DBAPIError) as exc:  # only the database's errors: printing has its own
+                    where = database_location(async_database_url(database_url))
+                    reason = database_error_reason(exc, store.engine.url)
+                    raise StoreUnavailableError(f"reading the audit log at {where} failed: {reason}") from None
+                click.echo(json.dumps(stored.as_json(), separators=(",", ":")) if as_json else table_row(stored))
     finally:
         await store.close()
+
+
+def unavailable_message(exc: StoreConfigError | StoreUnavailableError) -> str:
+    if isinstance(exc, StoreFileMissingError):
+        return f"no audit database at {exc.path} (set DATABASE_URL or --database-url)"
+    return str(exc)
 
 
 @click.command("audit")
@@ -82,7 +112,11 @@ def audit_command(
     as_json: bool,
     follow: bool,
 ) -> None:
-    """Query the audit log: who, through which agent, did what on which backend, and what happened."""
+    """Query the audit log: who, through which agent, did what on which backend, and what happened.
+
+    The database is opened read-only (a missing SQLite file is not created). When it cannot be read, one `error:`
+    line on stderr and exit code 2.
+    """
     from okta_agent_proxy.cli import run_loop
 
     settings = load_settings(env_file)
@@ -90,5 +124,9 @@ def audit_command(
     if last is None and since_time is None:
         last = 50
     query = AuditQuery(last=last, since=since_time, user=user, agent=agent, backend=backend, outcome=outcome)
-    with contextlib.suppress(KeyboardInterrupt):
-        run_loop(run_audit(database_url or settings.DATABASE_URL, query, as_json=as_json, follow=follow))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_loop(run_audit(database_url or settings.DATABASE_URL, query, as_json=as_json, follow=follow))
+    except (StoreConfigError, StoreUnavailableError) as exc:
+        click.echo(f"error: {unavailable_message(exc)}", err=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
