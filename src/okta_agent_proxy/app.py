@@ -1,29 +1,31 @@
 """Assemble the gateway: the one place that picks concrete implementations (DESIGN.md §6).
 
 `build_app` wires settings and config into the pipeline and an aiohttp application; `serve` runs it on one port
-(several worker processes share the port through SO_REUSEPORT). Routes: `/healthz`, `/readyz`, and everything
-else through the pipeline, which answers unknown paths itself with the gateway's JSON 404.
+(several worker processes share the port through SO_REUSEPORT). Routes: `/healthz`, `/readyz`, `/metrics` (or on a
+listener of its own, `METRICS_PORT`), the RFC 9728 documents, and everything else through the pipeline, which
+answers unknown paths itself with the gateway's JSON 404. Every endpoint passes the edge checks first
+(`edge.py`), with the rules of its kind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.errors import GatewayError, NotFound, UnreadableRequest
+from okta_agent_proxy.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules
+from okta_agent_proxy.errors import GatewayError, NotFound
 from okta_agent_proxy.gateway import Gateway
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
 from okta_agent_proxy.observability.metrics import AUDIT_DROPPED, AUDIT_QUEUE_DEPTH
 from okta_agent_proxy.observability.metrics import render as render_metrics
-from okta_agent_proxy.pipeline import check_edge, error_response
+from okta_agent_proxy.pipeline import error_response, request_id
 from okta_agent_proxy.reload import ConfigReloader
+from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.config_store import save_config
 from okta_agent_proxy.store.db import Store, migrate, open_store
@@ -33,45 +35,48 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-class _GatewayRequestHandler(RequestHandler):
-    """aiohttp's connection handler, except for the answer to a request its HTTP parser refuses (an oversized or
-    malformed header, a bad request line): aiohttp's text quotes the offending bytes — the start of an oversized
-    `Authorization` header, say — where the gateway's JSON error body says what happened and quotes nothing."""
-
-    def handle_error(
-        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
-    ) -> web.StreamResponse:
-        response = super().handle_error(request, status, exc, message)  # logs (without content) and closes
-        if not 400 <= status < 500:
-            return response
-        error = UnreadableRequest("the request could not be read as HTTP")
-        replacement = web.Response(status=status, body=error.body_bytes(), content_type="application/json")
-        replacement.force_close()
-        return replacement
+Endpoint = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CORS_PREFLIGHT = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Allow-Headers": "MCP-Protocol-Version, Authorization",
+    "Access-Control-Max-Age": "86400",
+}
 
 
-class _GatewayServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+def edge_checked(edge: Edge, rules: EdgeRules, endpoint: Endpoint) -> Endpoint:
+    """`endpoint`, behind the edge checks for its kind (the pipeline does the same for backend routes)."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        try:
+            edge.check(request, rules)
+        except GatewayError as error:
+            return error_response(error, request_id(request))
+        return await endpoint(request)
+
+    return checked
 
 
-class GatewayRunner(web.AppRunner):
-    """`web.AppRunner` whose connections are `_GatewayRequestHandler`s (aiohttp offers no setting for the body of
-    its parse-error answers; the server it builds is given the subclass that makes them)."""
+def metrics_endpoint(audit: AuditWriter | None) -> Endpoint:
+    async def metrics(request: web.Request) -> web.Response:
+        if audit is not None:
+            AUDIT_QUEUE_DEPTH.set(audit.queue_depth)
+            AUDIT_DROPPED.set(audit.dropped)
+        body, content_type = render_metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _GatewayServer
-        return server
+    return metrics
 
 
 def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditWriter | None = None) -> web.Application:
     """The gateway as an aiohttp application; call it with an event loop running (it opens client sessions).
     `store` and `audit` (opened by the caller, which also closes them) turn on readiness checks and the audit log.
-    `app[GATEWAY].reload(...)` swaps in a new config."""
+    `app[GATEWAY].reload(...)` swaps in a new config. With `METRICS_PORT` set, `/metrics` is not served here but
+    by `build_metrics_app` on its own listener."""
     protect_server_logs()
     settings = loaded.settings
     gateway = Gateway(loaded, audit=audit)
+    edge = gateway.edge
     app = web.Application(client_max_size=settings.MAX_BODY_BYTES)
     app[GATEWAY] = gateway
 
@@ -93,31 +98,26 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
             {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
         )
 
-    async def metrics(request: web.Request) -> web.Response:
-        if audit is not None:
-            AUDIT_QUEUE_DEPTH.set(audit.queue_depth)
-            AUDIT_DROPPED.set(audit.dropped)
-        body, content_type = render_metrics()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
     async def protected_resource(request: web.Request) -> web.Response:
         """RFC 9728 §3: the document for `path`, at `/.well-known/oauth-protected-resource{path}`."""
-        try:
-            check_edge(request, settings)
-        except GatewayError as error:
-            return error_response(error, "-")
         generation = gateway.current
         path = request.match_info["path"]
+        cors = {"Access-Control-Allow-Origin": "*"}
         if path in ("", "/"):
             document = protected_resource_metadata(settings.base_url, "", settings.OKTA_ISSUER, generation.all_scopes)
         else:
             route = generation.pipeline.router.match(path)
             if route is None:
-                return error_response(NotFound("no protected resource at this path"), "-")
+                response = error_response(NotFound("no protected resource at this path"), request_id(request))
+                response.headers.update(cors)
+                return response
             document = protected_resource_metadata(
                 settings.base_url, path, settings.OKTA_ISSUER, generation.scopes[route.name], route.name
             )
-        return web.json_response(document, headers={"Cache-Control": "max-age=300"})
+        return web.json_response(document, headers={"Cache-Control": "max-age=300", **cors})
+
+    async def cors_preflight(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=_CORS_PREFLIGHT)
 
     async def on_startup(app: web.Application) -> None:
         await gateway.start()
@@ -125,13 +125,29 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
     async def on_cleanup(app: web.Application) -> None:
         await gateway.close()
 
-    app.router.add_get("/healthz", healthz, allow_head=False)
-    app.router.add_get("/readyz", readyz, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
-    app.router.add_get(WELL_KNOWN + "{path:.*}", protected_resource, allow_head=False)
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.router.add_get("/healthz", edge_checked(edge, OPERATIONS, healthz), allow_head=False)
+    app.router.add_get("/readyz", edge_checked(edge, OPERATIONS, readyz), allow_head=False)
+    if settings.METRICS_PORT is None:
+        app.router.add_get("/metrics", edge_checked(edge, OPERATIONS, metrics_endpoint(audit)), allow_head=False)
+    well_known = WELL_KNOWN + "{path:[\\s\\S]*}"
+    app.router.add_get(well_known, edge_checked(edge, PUBLIC_METADATA, protected_resource), allow_head=False)
+    app.router.add_route("OPTIONS", well_known, edge_checked(edge, PUBLIC_METADATA, cors_preflight))
+    # Every other path, a decoded CR LF included: the pipeline checks the edge itself (and audits backend routes).
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", gateway.handle)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def build_metrics_app(edge: Edge, audit: AuditWriter | None) -> web.Application:
+    """`/metrics` alone, for `METRICS_HOST`/`METRICS_PORT`; any other path is a JSON 404."""
+    app = web.Application()
+
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(NotFound("only /metrics is served here"), request_id(request))
+
+    app.router.add_get("/metrics", edge_checked(edge, OPERATIONS, metrics_endpoint(audit)), allow_head=False)
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", edge_checked(edge, OPERATIONS, not_found))
     return app
 
 
@@ -158,7 +174,7 @@ async def run_until_stopped(
         if loaded.source_hash is not None:
             await save_config(store.engine, loaded.config, file_hash=loaded.source_hash, source=loaded.source)
         app = build_app(loaded, store=store, audit=audit)
-        await _serve(app, loaded, store, host, port, reuse_port, on_ready)
+        await _serve(app, loaded, store, audit, host, port, reuse_port, on_ready)
     finally:
         await store.close()
 
@@ -167,22 +183,38 @@ async def _serve(
     app: web.Application,
     loaded: LoadedConfig,
     store: Store,
+    audit: AuditWriter | None,
     host: str,
     port: int,
     reuse_port: bool,
     on_ready: Callable[[int], None] | None,
 ) -> None:
+    settings = loaded.settings
     runner = GatewayRunner(
         app,
+        limits=ConnectionLimits.from_settings(settings),
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
     )
     await runner.setup()
+    runners = [runner]
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
     await site.start()
     bound_port = runner.addresses[0][1] if runner.addresses else port
+    if settings.METRICS_PORT is not None:
+        metrics_runner = GatewayRunner(
+            build_metrics_app(app[GATEWAY].edge, audit),
+            limits=ConnectionLimits.from_settings(settings),
+            handle_signals=False,
+            access_log=None,
+        )
+        await metrics_runner.setup()
+        runners.append(metrics_runner)
+        metrics_host = settings.METRICS_HOST or host
+        await web.TCPSite(metrics_runner, metrics_host, settings.METRICS_PORT, reuse_port=reuse_port).start()
+        log.info("metrics_listening", host=metrics_host, port=settings.METRICS_PORT)
     log.info("gateway_listening", host=host, port=bound_port, backends=sorted(loaded.config.backends))
     if on_ready is not None:
         on_ready(bound_port)
@@ -208,4 +240,5 @@ async def _serve(
         log.info("gateway_stopping")
         if watcher is not None:
             watcher.cancel()
-        await runner.cleanup()
+        for each in reversed(runners):
+            await each.cleanup()

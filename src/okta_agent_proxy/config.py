@@ -175,7 +175,16 @@ class BackendCommon(Strict):
     paths: list[RoutePath] = Field(min_length=1, description="Gateway path prefixes routed to this backend.")
     enabled: bool = Field(True, description="A disabled backend answers 404, as if absent.")
     timeout_seconds: float = Field(
-        60.0, gt=0, le=3600, description="Connect timeout and longest wait for the next byte of a response."
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Longest wait for a pooled connection, the connect and the response headers together (POST and GET), "
+            "and for each next byte of a JSON answer; over → 504."
+        ),
+    )
+    stream_idle_timeout_seconds: float = Field(
+        300.0, gt=0, le=86400, description="Longest gap between the bytes of an SSE stream once it has started."
     )
     required_scopes: tuple[Scope, ...] = Field((), description="Scopes every caller token must carry.")
     method_scopes: dict[str, tuple[Scope, ...]] = Field(
@@ -248,10 +257,22 @@ class AuditConfig(Strict):
     retention_days: int = Field(90, ge=1, description="Rows older than this are deleted.")
 
 
+class StreamLimits(Strict):
+    """Open SSE streams (GET, and POST answered as SSE) at most, per replica (DESIGN.md §9)."""
+
+    per_user_agent: int = Field(100, ge=1, description="Open streams of one user through one agent.")
+    per_backend: int = Field(800, ge=1, description="Open streams to one backend.")
+
+
+class RateLimits(Strict):
+    streams: StreamLimits = Field(StreamLimits(), description="Caps on open SSE streams; over → 429.")
+
+
 class GatewayConfig(Strict):
     backends: dict[str, Backend] = Field(default_factory=dict)
     agents: dict[str, Agent] = Field(default_factory=dict)
     audit: AuditConfig = AuditConfig()
+    rate_limits: RateLimits = RateLimits()
 
 
 def config_schema() -> dict[str, Any]:

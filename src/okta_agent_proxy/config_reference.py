@@ -18,6 +18,7 @@ from okta_agent_proxy.config import (
     CrossAppAuth,
     PreSharedKeyAuth,
     ServiceAccountAuth,
+    StreamLimits,
 )
 from okta_agent_proxy.settings import Settings
 
@@ -28,6 +29,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("backends.<name>.auth_config (auth_method: okta-cross-app)", CrossAppAuth),
     ("agents.<name>", Agent),
     ("audit", AuditConfig),
+    ("rate_limits.streams", StreamLimits),
 )
 
 

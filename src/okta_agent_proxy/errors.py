@@ -56,6 +56,13 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """408: the request's body stopped arriving (a client that trickles it would hold a handler forever)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     code = "method_not_allowed"
@@ -71,11 +78,16 @@ class MalformedJson(GatewayError):
         return {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": self.message}}
 
 
-class UnreadableRequest(GatewayError):
-    """400 (or the 4xx the HTTP parser chose): the request is not HTTP this server can read."""
+class BadRequest(GatewayError):
+    """400: a request the gateway refuses to interpret — a security header sent twice, a token in the query
+    string, a control character in the path, a JSON-RPC batch (DESIGN.md §2 "Edge order", §7)."""
 
     status = 400
     code = "bad_request"
+
+
+class UnreadableRequest(BadRequest):
+    """400 (or the 4xx the HTTP parser chose): the request is not HTTP this server can read."""
 
 
 class Unauthenticated(GatewayError):
@@ -105,6 +117,16 @@ class IdpUnavailable(GatewayError):
         super().__init__(message, agent_id=agent_id, headers={"Retry-After": str(retry_after)})
 
 
+class RateLimited(GatewayError):
+    """429: over a limit (open streams, DESIGN.md §9); `Retry-After` says when to try again."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, agent_id: str | None = None) -> None:
+        super().__init__(message, agent_id=agent_id, headers={"Retry-After": str(retry_after)})
+
+
 class AuthorizationDenied(GatewayError):
     status = 403
     code = "authorization_denied"
@@ -129,6 +151,13 @@ class BackendUnavailable(GatewayError):
 class BackendTimeout(GatewayError):
     status = 504
     code = "backend_timeout"
+
+
+class BadBackendResponse(GatewayError):
+    """502: the backend answered something the gateway will not pass on (a redirect off the backend's own URL)."""
+
+    status = 502
+    code = "bad_backend_response"
 
 
 class BackendRejectedCredential(GatewayError):

@@ -28,11 +28,13 @@ from okta_agent_proxy.config import (
     ServiceAccountBackend,
 )
 from okta_agent_proxy.config_loader import LoadedConfig
+from okta_agent_proxy.edge import Edge
 from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.jwks import JwksCache
 from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
 from okta_agent_proxy.mcp.sessions import SessionBindings
+from okta_agent_proxy.mcp.stream_slots import StreamSlots
 from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.observability.recorder import AuditSink, RequestRecorder
 from okta_agent_proxy.outbound import static
@@ -142,6 +144,8 @@ def build_pipeline(
     pool: UpstreamPool,
     inbound: InboundIdentity | None,
     idp_session: aiohttp.ClientSession,
+    edge: Edge,
+    stream_slots: StreamSlots,
     audit: AuditSink | None = None,
 ) -> Pipeline:
     config: GatewayConfig = loaded.config
@@ -149,6 +153,9 @@ def build_pipeline(
     discovery = AuthServerDiscovery(client)
     return Pipeline(
         inbound=inbound,
+        edge=edge,
+        stream_slots=stream_slots,
+        stream_limits=config.rate_limits.streams,
         settings=loaded.settings,
         router=BackendRouter(config),
         providers={
@@ -182,6 +189,8 @@ class Gateway:
         self._audit = audit
         self._idp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         self.validator = build_validator(loaded, self._idp_session)
+        self.edge = Edge(loaded.settings)
+        self.stream_slots = StreamSlots()  # open streams outlive a reload: counted across generations
         self._sessions = SessionBindings()
         self._background: set[asyncio.Future[None]] = set()
         self.current = self._generation(loaded)
@@ -193,7 +202,7 @@ class Gateway:
             inbound = InboundIdentity(self.validator, agents, self._sessions)
         pool = UpstreamPool(loaded.config.backends)
         scopes = scopes_by_backend(loaded.config)
-        pipeline = build_pipeline(loaded, pool, inbound, self._idp_session, self._audit)
+        pipeline = build_pipeline(loaded, pool, inbound, self._idp_session, self.edge, self.stream_slots, self._audit)
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
 
     async def start(self) -> None:

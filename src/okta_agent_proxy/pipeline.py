@@ -15,46 +15,48 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import yarl
 from aiohttp import web
 
-from okta_agent_proxy.config import CrossAppBackend
+from okta_agent_proxy.config import CrossAppBackend, StreamLimits
+from okta_agent_proxy.edge import Edge
 from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
-    ForbiddenOrigin,
     GatewayError,
     InsufficientScope,
     InternalError,
     InvalidToken,
     MethodNotAllowed,
-    MisdirectedRequest,
     MissingToken,
     NotFound,
-    PayloadTooLarge,
     Unauthenticated,
 )
 from okta_agent_proxy.exchange import Exchange
 from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
 from okta_agent_proxy.inbound.validator import OktaTokenValidator
-from okta_agent_proxy.mcp.forward import Forwarder, upstream_headers
+from okta_agent_proxy.mcp.forward import Forwarder
+from okta_agent_proxy.mcp.headers import SSE, upstream_headers
 from okta_agent_proxy.mcp.messages import parse_message
 from okta_agent_proxy.mcp.sessions import SessionBindings, SessionOwner
+from okta_agent_proxy.mcp.stream_slots import Caller, StreamSlot, StreamSlots
 from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.observability.recorder import CLIENT_CLOSED, Outcome, RequestRecorder
 from okta_agent_proxy.outbound.base import CredentialProvider, CredentialRequest
 from okta_agent_proxy.outbound.static import StaticProvider
 from okta_agent_proxy.policy.authz import authorize
+from okta_agent_proxy.request_body import read_body
 from okta_agent_proxy.routing import BackendRouter, Route
-from okta_agent_proxy.settings import Settings, normalize_origin
+from okta_agent_proxy.settings import Settings
 
 log = get_logger(__name__)
 FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_READ_CHUNK = 64 * 1024
-_MEMO_MAX = 1024  # entries in each per-generation memo keyed by what a client sends (Host, path): bounded
+_MEMO_MAX = 1024  # entries in each per-generation memo keyed by what a client sends (a path): bounded
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": what a path keeps unescaped
 _NOT_ANSWERED = Outcome(CLIENT_CLOSED, "client_closed")
 
 
@@ -82,11 +84,13 @@ class Pipeline:
     forwarder: Forwarder
     extra_headers: dict[str, frozenset[str]]  # per backend: lower-cased `forward_headers`
     recorder: RequestRecorder
+    edge: Edge
+    stream_slots: StreamSlots  # the process's, shared by every generation
+    stream_limits: StreamLimits
     inbound: InboundIdentity | None = None
     # Derived once per generation (see __post_init__); the memos fill up with what clients send, up to _MEMO_MAX.
     _upstreams: dict[str, _Upstream] = field(init=False, repr=False, compare=False)
     _routes: dict[str, _RouteEntry] = field(init=False, repr=False, compare=False)
-    _hosts: dict[str, bool] = field(init=False, repr=False, compare=False)
     _allowed: set[tuple[str, str, frozenset[str], str | None]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,31 +104,33 @@ class Pipeline:
         }
         object.__setattr__(self, "_upstreams", upstreams)
         object.__setattr__(self, "_routes", {})
-        object.__setattr__(self, "_hosts", {})
         object.__setattr__(self, "_allowed", set())
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        exchange = Exchange(_request_id(request), time.perf_counter(), request.method, request.path[:2048])
+        exchange = Exchange(request_id(request), time.perf_counter(), request.method, _recorded_path(request))
         outcome = _NOT_ANSWERED  # unless we get to answer
         try:
-            self.check_edge(request)
-            url = self.route(request, exchange)
+            url = self.route(request, exchange)  # finds the backend (for the audit row); refuses nothing yet
+            self.edge.check(request)
+            if exchange.route is None:
+                raise NotFound(f"no backend serves {exchange.path[:200]}")
+            check_method(request)
             if self.inbound is not None:
                 await authenticate(request, exchange, self.inbound)
                 identify_agent(request, exchange, self.inbound)
             if request.method == "POST":
-                await read_and_inspect(request, exchange, self.settings.MAX_BODY_BYTES)
+                await read_and_inspect(request, exchange, self.settings)
             if self.inbound is not None:
                 self.authorize(exchange)
                 check_session(request, exchange, self.inbound.sessions)
             response = await self.forward(request, exchange, url)
-            code = exchange.relay.failure or ("ok" if response.status < 400 else f"upstream_{response.status}")
-            outcome = Outcome(response.status, code)
+            failure = exchange.relay.failure
+            outcome = Outcome(response.status, failure) if failure else _upstream_outcome(response.status)
             return response
         except GatewayError as error:
             exchange.error = error
             if self.inbound is not None:
-                add_challenge(error, self.settings.base_url, request.path)
+                add_challenge(error, self.settings.base_url, quote(request.path, safe=_PATH_SAFE))
             outcome = Outcome(error.status, error.code)
             return error_response(error, exchange.request_id)
         except Exception as exc:
@@ -139,26 +145,14 @@ class Pipeline:
             outcome = Outcome(internal.status, internal.code)
             return error_response(internal, exchange.request_id)
         finally:
-            if exchange.route is not None:  # DESIGN.md §4: backend routes only
+            if outcome is _NOT_ANSWERED and exchange.relay.delivered:
+                # The client hung up once it had the whole answer (the SDK closes a POST's stream at its response).
+                outcome = _upstream_outcome(exchange.upstream_status or 200)
+            if exchange.route is not None:  # DESIGN.md §4: every request on a backend route, whatever its method
                 await self.recorder.finish(exchange, outcome)
             # The error's traceback holds this frame, which holds the exchange (and the body): without this, each
             # failed request would wait for the cyclic collector.
             exchange.error = None
-
-    def check_edge(self, request: web.Request) -> None:
-        """`check_edge`, with the verdict on each `Host` value remembered."""
-        headers = request.headers
-        host = headers.get("Host", "")
-        allowed = self._hosts.get(host)
-        if allowed is None:
-            allowed = host_allowed(host, self.settings.allowed_hosts)
-            if len(self._hosts) < _MEMO_MAX:
-                self._hosts[host] = allowed
-        if not allowed:
-            raise MisdirectedRequest("this gateway does not serve the requested host")
-        origin = headers.get("Origin")
-        if origin is not None:
-            check_origin(origin, self.settings)
 
     def authorize(self, exchange: Exchange) -> None:
         """`authorize_request`, with the allowed combinations of agent, backend, scopes and MCP method remembered
@@ -172,8 +166,8 @@ class Pipeline:
                 self._allowed.add(key)
 
     def route(self, request: web.Request, exchange: Exchange) -> yarl.URL | None:
-        """`route_request`, with the route of each path remembered; returns the upstream URL if the request has no
-        query string (None: build it from the query)."""
+        """The backend route of the request's path (remembered per path) into `exchange.route`, None if there is
+        none; returns the upstream URL if the request has no query string (None: build it from the query)."""
         raw_path = request.raw_path
         path, has_query, _ = raw_path.partition("?")
         entry = self._routes.get(path)
@@ -183,9 +177,6 @@ class Pipeline:
             entry = _RouteEntry(route, url)
             if len(self._routes) < _MEMO_MAX:
                 self._routes[path] = entry
-        if entry.route is None:
-            raise NotFound(f"no backend serves {request.path[:200]}")
-        check_method(request)
         exchange.route = entry.route
         return None if has_query else entry.url
 
@@ -198,33 +189,54 @@ class Pipeline:
         provider = upstream.provider
         credential_request = upstream.static_request or credential_request_for(request, exchange)
         exchange.credential_method = provider.method
-        credential = exchange.credential = await provider.get(credential_request)
-        target = url if url is not None else route.upstream_url(request.rel_url.raw_query_string)
-        headers = upstream_headers(request.headers, upstream.extra_headers, credential.headers, exchange.request_id)
         method = request.method
-        sent = time.perf_counter()
-        response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
-        exchange.upstream_status = response.status
-        if response.status == 401 and credential.refreshable:
-            # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
-            response.close()
-            await provider.invalidate(credential_request)
-            exchange.credential = None  # until the fresh one arrives: a failed re-exchange must not show the old one
+        caller = _caller(exchange)
+        # A GET is a stream from the start: admitted only under the stream caps (DESIGN.md §9).
+        slot: StreamSlot | None = (
+            self.stream_slots.admit(route.name, caller, self.stream_limits) if method == "GET" else None
+        )
+        try:
             credential = exchange.credential = await provider.get(credential_request)
-            headers.update(credential.headers)
+            target = url if url is not None else route.upstream_url(request.rel_url.raw_query_string)
+            headers = upstream_headers(request.headers, upstream.extra_headers, credential.headers, exchange.request_id)
             sent = time.perf_counter()
             response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
-        exchange.relay.upstream_headers_seconds = time.perf_counter() - sent
-        exchange.upstream_status = response.status
-        if self.inbound is not None:
-            track_session(
-                request, response.status, response.headers.get("Mcp-Session-Id"), exchange, self.inbound.sessions
+            exchange.upstream_status = response.status
+            if response.status == 401 and credential.refreshable:
+                # The one retry (DESIGN.md §3): drop the cached credential, fetch a fresh one, resend the same body.
+                response.close()
+                await provider.invalidate(credential_request)
+                exchange.credential = None  # until the fresh one arrives: a failed re-exchange must not show the old
+                credential = exchange.credential = await provider.get(credential_request)
+                headers.update(credential.headers)
+                sent = time.perf_counter()
+                response = await self.forwarder.open(route.name, route.backend, method, target, headers, exchange.body)
+            exchange.relay.upstream_headers_seconds = time.perf_counter() - sent
+            exchange.upstream_status = response.status
+            if self.inbound is not None:
+                track_session(
+                    request, response.status, response.headers.get("Mcp-Session-Id"), exchange, self.inbound.sessions
+                )
+            if slot is None and response.headers.get("Content-Type", "").startswith(SSE):
+                slot = self.stream_slots.count(route.name, caller)  # a POST answered as a stream: counted, not cut
+            message = exchange.message
+            answer_id = message.id if message is not None and message.kind == "request" else None
+            return await self.forwarder.relay(
+                request,
+                response,
+                route.name,
+                route.backend,
+                self.settings.base_url + route.prefix,
+                exchange.request_id,
+                exchange.relay,
+                answer_id,
             )
-        try:
-            return await self.forwarder.relay(request, response, route.name, exchange.request_id, exchange.relay)
         except BackendRejectedCredential as error:
             error.agent_id = exchange.agent_id
             raise
+        finally:
+            if slot is not None:
+                slot.release()
 
 
 def credential_request_for(request: web.Request, exchange: Exchange) -> CredentialRequest:
@@ -330,7 +342,7 @@ _random_bits = random.getrandbits  # request ids must be unique, not secret: a c
 _now_ns = time.time_ns
 
 
-def _request_id(request: web.Request) -> str:
+def request_id(request: web.Request) -> str:
     """The client's `X-Request-ID` if it is sane; else 32 hex digits, time-ordered as a UUIDv7 is (milliseconds
     since the epoch, then 80 random bits): unique, sortable, and appended at the end of the audit log's request-id
     index rather than at random places in it (random keys made each audit insert 2-3x as costly)."""
@@ -340,32 +352,28 @@ def _request_id(request: web.Request) -> str:
     return f"{_now_ns() // 1_000_000:012x}{_random_bits(80):020x}"
 
 
+def _upstream_outcome(status: int) -> Outcome:
+    return Outcome(status, "ok" if status < 400 else f"upstream_{status}")
+
+
+def _caller(exchange: Exchange) -> Caller | None:
+    """(user, agent) for per-caller limits: the user is the token's `uid` when it has one, else its `sub`."""
+    principal = exchange.principal
+    if principal is None or exchange.agent_id is None:
+        return None
+    return (principal.uid or principal.subject, exchange.agent_id)
+
+
+def _recorded_path(request: web.Request) -> str:
+    """The path as the audit row and the log line keep it: as decoded, unless it has control characters (the edge
+    refuses those), which are kept percent-encoded — a NUL cannot be stored in PostgreSQL text."""
+    path = request.path
+    return path[:2048] if path.isprintable() else quote(path, safe=_PATH_SAFE)[:2048]
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
-
-
-def host_allowed(host: str, allowed: frozenset[str]) -> bool:
-    host = host.lower()
-    if host in allowed:
-        return True
-    # An entry without a port accepts the host on any port: "localhost" accepts "localhost:8000".
-    name, sep, port = host.rpartition(":")
-    return bool(sep) and port.isdigit() and name in allowed
-
-
-def check_edge(request: web.Request, settings: Settings) -> None:
-    """DNS-rebinding protection, done here because backends no longer see the client's Host or Origin."""
-    if not host_allowed(request.headers.get("Host", ""), settings.allowed_hosts):
-        raise MisdirectedRequest("this gateway does not serve the requested host")
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        check_origin(origin, settings)
-
-
-def check_origin(origin: str, settings: Settings) -> None:
-    if normalize_origin(origin) not in settings.allowed_origins:
-        raise ForbiddenOrigin("requests from this origin are not allowed")
 
 
 def find_route(request: web.Request, router: BackendRouter) -> Route | None:
@@ -382,35 +390,10 @@ def check_method(request: web.Request) -> None:
         )
 
 
-def route_request(request: web.Request, exchange: Exchange, router: BackendRouter) -> None:
-    route = find_route(request, router)
-    if route is None:
-        raise NotFound(f"no backend serves {request.path[:200]}")
-    check_method(request)
-    exchange.route = route
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or PayloadTooLarge as soon as it passes `limit` (never buffering more)."""
-    declared = request.content_length
-    if declared is not None:
-        if declared > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        return await request.read()  # bounded by the declared length, which is within the limit
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_and_inspect(request: web.Request, exchange: Exchange, limit: int) -> None:
+async def read_and_inspect(request: web.Request, exchange: Exchange, settings: Settings) -> None:
     if request.method != "POST":
         return
-    body = await read_body(request, limit)
+    body = await read_body(request, settings.MAX_BODY_BYTES, settings.HEADER_READ_TIMEOUT_SECONDS)
     exchange.body = body  # recorded (bytes in) even when it turns out not to be JSON
     exchange.message = parse_message(body)
 

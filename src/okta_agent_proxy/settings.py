@@ -8,6 +8,7 @@ the rest of the code reads finished values.
 from __future__ import annotations
 
 import ipaddress
+import resource
 from functools import cached_property
 from typing import Literal
 from urllib.parse import urlsplit
@@ -109,6 +110,35 @@ class Settings(BaseSettings):
         ),
     )
     MAX_BODY_BYTES: int = Field(4 * 1024 * 1024, gt=0, description="Request body limit; larger → 413.")
+    HEADER_READ_TIMEOUT_SECONDS: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A new connection, or a request that has begun to arrive, must complete its headers within this; "
+            "else the connection is closed."
+        ),
+    )
+    KEEPALIVE_TIMEOUT_SECONDS: float = Field(
+        75.0, gt=0, le=3600, description="An idle connection between requests is closed after this."
+    )
+    MAX_CONNECTIONS: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Client connections at most (default: 80 % of the open-file limit); at the limit the oldest connection "
+            "that has not sent a whole request, or else the longest idle, is closed to admit a new one."
+        ),
+    )
+    METRICS_HOST: str | None = Field(
+        None, description="Serve /metrics on this address instead of the main listener (with METRICS_PORT)."
+    )
+    METRICS_PORT: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this port only (the main listener then answers 404 there).",
+    )
     JWT_LEEWAY_SECONDS: int = Field(60, ge=0, le=600, description="Clock skew for exp/nbf/iat.")
     AGENT_IDENTIFICATION: Literal["token", "header"] = Field(
         "token",
@@ -143,6 +173,15 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         return value.rstrip("/")
+
+    @cached_property
+    def max_connections(self) -> int:
+        """`MAX_CONNECTIONS`, or 80 % of the process's open-file limit: the rest stays for backend connections,
+        the database and logs, so a flood of clients cannot take the descriptors the gateway needs to answer."""
+        if self.MAX_CONNECTIONS is not None:
+            return self.MAX_CONNECTIONS
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(1, int(soft * 0.8)) if soft != resource.RLIM_INFINITY else 65536
 
     @cached_property
     def base_url(self) -> str:

@@ -267,11 +267,14 @@ async def test_only_the_authorization_header_carries_a_token() -> None:
     async with stack() as s:
         token = s.token()
         async with s.http.post(
-            s.gateway.url(f"/employees?access_token={token}"),
-            data=json.dumps(LIST),
-            headers={**ACCEPT, "Cookie": f"token={token}"},
+            s.gateway.url("/employees"), data=json.dumps(LIST), headers={**ACCEPT, "Cookie": f"token={token}"}
         ) as response:
             assert response.status == 401
+        # A token in the query string is refused outright (RFC 6750 §2.3; see test_edge.py), never used or forwarded.
+        async with s.http.post(
+            s.gateway.url(f"/employees?access_token={token}"), data=json.dumps(LIST), headers=ACCEPT
+        ) as response:
+            assert (response.status, (await response.json())["error"]) == (400, "bad_request")
         async with s.http.post(
             s.gateway.url("/employees"), data=json.dumps(LIST), headers={**ACCEPT, "Authorization": f"Basic {token}"}
         ) as response:
@@ -344,6 +347,29 @@ async def test_another_user_replaying_a_session_id_gets_404_and_the_backend_neve
 
 
 # ---- the IdP's keys unreachable -------------------------------------------------------------------------------
+
+
+async def test_during_a_jwks_outage_a_token_with_a_new_key_gets_503_never_401_and_passes_once_keys_are_back() -> None:
+    """Issue 11: after one failed refetch, the old code spent its 10 s refetch window on it and answered 401
+    ("unknown key") to correctly signed tokens — pushing clients into a re-login. A failed fetch is not a refetch."""
+    async with stack() as s:
+        assert (await s.post("/employees", s.token()))[0] == 200  # the keys are fetched
+        s.idp.rotate_keys(AS_ID)
+        s.idp.set_jwks_mode("down")
+        token = s.token()  # signed with the new key, which the gateway cannot fetch now
+        answers = []
+        deadline = time.monotonic() + 3.0  # several times the 1 s backoff between fetch attempts
+        while time.monotonic() < deadline:
+            status, body, headers = await s.post("/employees", token)
+            answers.append((status, body and body["error"], headers.get("Retry-After")))
+            await asyncio.sleep(0.15)
+        assert {(status, error) for status, error, _ in answers} == {(503, "idp_unavailable")}, answers
+        assert all(retry_after is not None and int(retry_after) > 0 for _, _, retry_after in answers)
+        s.idp.set_jwks_mode("ok")
+        deadline = time.monotonic() + 2.5  # the next attempt after the backoff, not after a refetch window
+        while (status := (await s.post("/employees", token))[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("mode", ["down", "slow", "garbage"])

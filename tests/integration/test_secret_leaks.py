@@ -279,7 +279,7 @@ async def exercise(s: Stack) -> None:
     ]
     for bad in refused:
         assert (await s.call("/psk", bad)).status in (401, 403)
-    assert (await s.call(f"/psk?access_token={good}", None)).status == 401
+    assert (await s.call(f"/psk?access_token={good}", None)).status == 400
     assert (await s.call("/psk", None, headers={"Authorization": f"Basic {good}", "Cookie": f"t={good}"})).status == 401
     assert (await s.call("/psk", good, headers={"X-Agent-ID": "jwk-agent"})).status == 403
     assert (await s.call("/psk", s.token(scopes=["profile"]))).status == 403

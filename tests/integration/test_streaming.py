@@ -132,11 +132,11 @@ async def test_backend_dying_mid_sse_ends_the_stream_with_an_error_event() -> No
     assert "jsonrpc" not in error.json()  # never a made-up JSON-RPC message
 
 
-async def test_a_post_stream_silent_for_longer_than_timeout_seconds_ends_with_an_error_event() -> None:
+async def test_a_post_stream_silent_for_longer_than_its_idle_timeout_ends_with_an_error_event() -> None:
     async with (
         running_backend() as backend,
         running_gateway(
-            gateway_config(stall=psk_backend(backend.url("/hang-sse"), "/stall", timeout_seconds=0.5))
+            gateway_config(stall=psk_backend(backend.url("/hang-sse"), "/stall", stream_idle_timeout_seconds=0.5))
         ) as gw,
         aiohttp.ClientSession() as http,
     ):
@@ -156,7 +156,7 @@ async def test_a_mid_stream_timeout_is_reported_as_backend_timeout() -> None:
     async with (
         running_backend() as backend,
         running_gateway(
-            gateway_config(stall=psk_backend(backend.url("/hang-sse"), "/stall", timeout_seconds=0.3))
+            gateway_config(stall=psk_backend(backend.url("/hang-sse"), "/stall", stream_idle_timeout_seconds=0.3))
         ) as gw,
         aiohttp.ClientSession() as http,
     ):

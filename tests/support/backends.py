@@ -20,6 +20,11 @@ The behaviour is chosen by the first segment of the request path, so one backend
 | `hang-json`   | JSON with `Content-Length`, part of the body, then nothing more (until the peer goes away) |
 | `unauthorized`| 401 with a `WWW-Authenticate` challenge and a `Set-Cookie` |
 | `late-get`    | GET: SSE headers at once, one event after `late_event_after` seconds, then the end |
+| `answer-hold` | SSE: the JSON-RPC answer as an event, then the stream stays open (until the peer goes away) |
+| `gap-sse`     | SSE: a notification, `delay` seconds of silence, then the JSON-RPC answer and the end |
+| `redirect`    | 307 to `/redirect/moved?q=1` (a path under its own URL) |
+| `redirect-away` | 307 to `http://internal.example:8080/x` (off the backend's URL) |
+| `hop-headers` | JSON with `Connection: X-Backend-Hop`, the header it names, and `X-Backend-Kept` |
 | anything else | a minimal JSON MCP server (see `mcp_answer`) |
 
 `mcp_answer` is just enough MCP for real clients (the Inspector, the SDK client in legacy mode): `initialize`,
@@ -145,6 +150,11 @@ class RecordingBackend:
             "hang-json": self._hang_json,
             "unauthorized": self._unauthorized,
             "late-get": self._late_get,
+            "answer-hold": self._answer_hold,
+            "gap-sse": self._gap_sse,
+            "redirect": self._redirect,
+            "redirect-away": self._redirect_away,
+            "hop-headers": self._hop_headers,
         }
 
     @property
@@ -300,6 +310,35 @@ class RecordingBackend:
         await response.write(sse_event({"jsonrpc": "2.0", "method": "notifications/late"}, event_id="late-1"))
         await response.write_eof()
         return response
+
+    async def _answer_hold(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        _, document = self._answer(request, record)
+        response = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await response.write(sse_event(document, event_id="1"))
+        await asyncio.sleep(3600)
+        raise AssertionError("a held stream was never disconnected")
+
+    async def _gap_sse(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        _, document = self._answer(request, record)
+        response = web.StreamResponse(headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        await response.write(sse_event({"jsonrpc": "2.0", "method": "notifications/progress"}, event_id="1"))
+        await asyncio.sleep(self.delay)
+        await response.write(sse_event(document, event_id="2"))
+        await response.write_eof()
+        return response
+
+    async def _redirect(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": "/redirect/moved?q=1"})
+
+    async def _redirect_away(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": "http://internal.example:8080/x"})
+
+    async def _hop_headers(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
+        status, document = self._answer(request, record)
+        headers = {"Connection": "X-Backend-Hop", "X-Backend-Hop": "internal", "X-Backend-Kept": "kept"}
+        return web.json_response(document, status=status, headers=headers)
 
 
 @asynccontextmanager

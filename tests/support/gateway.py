@@ -37,8 +37,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from okta_agent_proxy.app import GatewayRunner, build_app
+from okta_agent_proxy.app import build_app
 from okta_agent_proxy.config_loader import LoadedConfig, load
+from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
 
 from .processes import LOOPBACK, ServerProcess, start_server
 
@@ -133,7 +134,12 @@ def bound_socket() -> socket.socket:
 @asynccontextmanager
 async def _serve(sock: socket.socket, loaded: LoadedConfig) -> AsyncIterator[None]:
     runner = GatewayRunner(
-        build_app(loaded), handler_cancellation=True, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        build_app(loaded),
+        limits=ConnectionLimits.from_settings(loaded.settings),
+        handler_cancellation=True,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     try:
@@ -215,10 +221,11 @@ def gateway_process(
     env: Mapping[str, str] | None = None,
     workers: int = 1,
     timeout: float = 30.0,
+    open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
     """`okta-agent-proxy serve` as a subprocess; `settings` are passed as environment variables on top of `env`
     (default: this process's environment), `LOG_LEVEL` defaults to WARNING and `DATABASE_URL` to a SQLite file in a
-    temporary directory."""
+    temporary directory. `open_files` lowers the process's open-file limit (prlimit)."""
     with tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(_yaml_text(config), encoding="utf-8")
@@ -231,6 +238,8 @@ def gateway_process(
         def command(port: int) -> list[str]:
             # The port is only known here, so the base URL travels on the command line (via env(1)).
             prefix = ["env", f"GATEWAY_BASE_URL=http://{LOOPBACK}:{port}"] if set_base_url else []
+            if open_files is not None:
+                prefix = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *prefix]
             serve = ["serve", "--config", str(path), "--env-file", "/dev/null", "--port", str(port)]
             return [*prefix, *_cli(), *serve, "--workers", str(workers)]
 

@@ -46,10 +46,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from okta_agent_proxy.app import GATEWAY, GatewayRunner, build_app
+from okta_agent_proxy.app import GATEWAY, build_app
 from okta_agent_proxy.config_loader import LoadedConfig
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
+from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
 from okta_agent_proxy.store.db import Store, async_database_url, display_url, migrate, open_store
 from okta_agent_proxy.store.models import audit_events
@@ -223,6 +224,7 @@ async def audited_gateway(
             app = build_app(loaded, store=store, audit=writer)
             runner = GatewayRunner(
                 app,
+                limits=ConnectionLimits.from_settings(loaded.settings),
                 handler_cancellation=handler_cancellation,
                 access_log=None,
                 handle_signals=False,

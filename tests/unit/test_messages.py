@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from okta_agent_proxy.errors import MalformedJson
+from okta_agent_proxy.errors import BadRequest, MalformedJson
 from okta_agent_proxy.mcp.messages import MODERN_VERSION_KEY, parse_message
 
 
@@ -48,10 +48,14 @@ def test_response(member: str) -> None:
     assert (message.kind, message.id, message.method) == ("response", 3, None)
 
 
-def test_batch() -> None:
-    message = _parse([{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "method": "x"}])
-    assert message.kind == "batch"
-    assert _parse([]).kind == "batch"
+@pytest.mark.parametrize(
+    "document",
+    [[{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x"}}], [], [1], [[]]],
+)
+def test_a_batch_is_refused(document: Any) -> None:
+    with pytest.raises(BadRequest) as refused:
+        _parse(document)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
 
 
 @pytest.mark.parametrize("document", [1, "text", None, True, {"jsonrpc": "2.0"}, {"method": 5, "id": 1}])
@@ -146,8 +150,12 @@ _ENVELOPE = st.fixed_dictionaries(
 @settings(max_examples=100, deadline=None, database=None)
 @given(st.one_of(_JSON, _ENVELOPE))
 def test_property_any_json_value_parses(value: Any) -> None:
+    if isinstance(value, list):
+        with pytest.raises(BadRequest):
+            parse_message(json.dumps(value).encode())
+        return
     message = parse_message(json.dumps(value).encode())
-    assert message.kind in ("request", "notification", "response", "batch", "other")
+    assert message.kind in ("request", "notification", "response", "other")
     if isinstance(value, dict) and isinstance(value.get("method"), str):
         assert message.method == value["method"]
         assert message.kind == ("request" if "id" in value else "notification")

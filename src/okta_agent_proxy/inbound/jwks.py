@@ -5,10 +5,12 @@ path-appended location `{issuer}/.well-known/oauth-authorization-server` (PROTOC
 as the fallback. The metadata's `issuer` must equal the configured one (RFC 8414 §3.3).
 
 Rotation: a token whose `kid` is unknown triggers one refetch — single-flight (concurrent misses share it) and
-rate-limited (at most one miss-driven fetch per `min_refetch_interval`), so a flood of made-up `kid`s cannot turn
-the gateway into a load generator against Okta. Keys are also refreshed in the background of a request once they
-are older than `max_age`; a failed refresh keeps the keys we have. Only when no keys could ever be fetched, or a
-needed refetch fails, is the IdP "unavailable" (503) — a fetch failure is never reported as a bad token (401).
+rate-limited (at most one miss-driven fetch per `min_refetch_interval` after a *successful* one), so a flood of
+made-up `kid`s cannot turn the gateway into a load generator against Okta. Keys are also refreshed in the
+background of a request once they are older than `max_age`; a failed refresh keeps the keys we have. While fetches
+fail (an outage), a token with an unknown `kid` gets 503 + `Retry-After`, never 401: it may be signed with a new key
+we cannot see yet, and a 401 would push the client into a needless re-login. During an outage a fetch is attempted
+at most once per `FAILURE_BACKOFF_SECONDS`; a failed one does not use up the refetch window.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class JwksCache:
         self._fetched_at: float | None = None
         self._last_miss_fetch = float("-inf")
         self._last_failure = float("-inf")
+        self._failing = False  # the last fetch (on demand or in the background) failed
         self._inflight: asyncio.Task[None] | None = None
         self.fetch_count = 0
 
@@ -142,18 +145,21 @@ class JwksCache:
                 self._refresh_in_background()
             return by_alg.get(alg)
         now = self._clock()
-        if now - self._last_failure < FAILURE_BACKOFF_SECONDS:
+        if self._failing and now - self._last_failure < FAILURE_BACKOFF_SECONDS:
             raise IdpUnavailable("the identity provider's signing keys cannot be fetched")
-        if self._fetched_at is not None:
-            if now - self._last_miss_fetch < self._min_refetch_interval:
-                return None  # an unknown kid right after a refetch: it is not a rotation we missed
-            self._last_miss_fetch = now
+        had_keys = self._fetched_at is not None
+        recently_refetched = now - self._last_miss_fetch < self._min_refetch_interval
+        if had_keys and not self._failing and recently_refetched:
+            return None  # an unknown kid right after a successful refetch: not a rotation we missed
         try:
             await self.refresh()
         except JwksFetchError as exc:
-            self._last_failure = self._clock()
+            # While the keys cannot be fetched, an unknown kid may well be a rotation we cannot see yet: 503, so
+            # the client retries instead of logging the user in again. A failure does not count as a refetch.
             log.warning("jwks_fetch_failed", issuer=self._issuer, reason=str(exc))
             raise IdpUnavailable("the identity provider's signing keys cannot be fetched") from None
+        if had_keys:
+            self._last_miss_fetch = self._clock()
         return self._keys.get(kid, {}).get(alg)
 
     async def refresh(self) -> None:
@@ -178,9 +184,12 @@ class JwksCache:
                 raise JwksFetchError("JWKS contains no usable signing key")
         except JwksFetchError:
             JWKS_REFRESHES.labels("error").inc()
+            self._failing = True
+            self._last_failure = self._clock()
             raise
         JWKS_REFRESHES.labels("ok").inc()
         self._keys = keys
+        self._failing = False
         self._fetched_at = self._clock()
         log.info("jwks_fetched", issuer=self._issuer, kids=sorted(keys))
 

@@ -1,15 +1,22 @@
 """Forward one MCP Streamable HTTP request to its backend and stream the answer back (DESIGN.md §2, step 8).
 
 Both protocol generations pass through untranslated (PROTOCOL.md §4): POST answered with JSON, an SSE stream or
-202; GET streams; DELETE; session, version, method and `Last-Event-ID` headers. Request headers go upstream by
-allow-list only, so the caller's `Authorization`, cookies and anything unknown never reach a backend; the backend's
-own credential is added instead, and `Host` is the backend's. Response bytes go to the client as they arrive —
-nothing is buffered — and SSE responses carry `X-Accel-Buffering: no` for any buffering proxy in front of us.
+202; GET streams; DELETE; session, version, method and `Last-Event-ID` headers. Which headers cross, and how a
+backend's `Location` is rewritten, is `mcp/headers.py`. Response bytes go to the client as they arrive — nothing is
+buffered — and SSE responses carry `X-Accel-Buffering: no` for any buffering proxy in front of us.
 
-Timeouts: `timeout_seconds` bounds the connect and every wait for the next byte of a POST's answer (JSON or SSE),
-so a long stream that keeps talking is never cut. A GET stream is the server's idle channel by design, so after
-its headers arrive it has no read timeout. A client that goes away cancels the handler, which closes the upstream
-connection, so the backend sees the cancellation too.
+Capacity and time (DESIGN.md §9, "Timeouts and streams"):
+- Each backend has two connection pools: one for request/response calls (POST, DELETE) and one for GET streams, so
+  streams — idle by design, and held as long as a client likes — can never take the connections calls need.
+- `timeout_seconds` bounds waiting for a pooled connection, connecting and the response headers together, for every
+  method (504 `backend_timeout`). After the headers, each gap in the body is bounded: by `timeout_seconds` for a
+  JSON answer, by `stream_idle_timeout_seconds` for an SSE stream. The gap also covers handing each chunk to the
+  client, so a client that stops reading cannot hold a stream open either.
+- A client that goes away cancels the handler, which closes the upstream connection: the backend sees it too.
+
+Whether the client got the answer (`RelayStats.delivered`) matters when it hangs up at the very end: a client that
+closes as soon as it has what it asked for — the SDK client closes a POST's SSE stream once the JSON-RPC response
+arrives — was answered, and is not recorded as a 499.
 """
 
 from __future__ import annotations
@@ -22,139 +29,51 @@ from dataclasses import dataclass
 import aiohttp
 import yarl
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from okta_agent_proxy.config import Backend
-from okta_agent_proxy.errors import (
-    BackendRejectedCredential,
-    BackendTimeout,
-    BackendUnavailable,
-)
+from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
+from okta_agent_proxy.mcp.headers import SSE, public_location, relayed_response_headers
+from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
 from okta_agent_proxy.observability.metrics import OPEN_STREAMS
 
-# DESIGN.md §2: request headers a backend may see. Mcp-Param-* is matched by prefix.
-FORWARDED_REQUEST_HEADERS = frozenset(
-    {
-        "content-type",
-        "accept",
-        "accept-language",
-        "user-agent",
-        "mcp-session-id",
-        "mcp-protocol-version",
-        "mcp-method",
-        "mcp-name",
-        "last-event-id",
-        "traceparent",
-        "tracestate",
-    }
-)
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-    }
-    | {"upgrade", "proxy-connection"}
-)
-# Response headers the client never gets from a backend: hop-by-hop ones, our own Date/Server, and the backend's
-# auth challenge (the client authenticates to the gateway, not to the backend — PROTOCOL.md §4).
-_DROPPED_RESPONSE_HEADERS = _HOP_BY_HOP | {"date", "server", "www-authenticate"}
-_SSE = "text/event-stream"
+# Connections per backend for request/response calls. GET streams have a pool of their own, bounded by the stream
+# caps (`rate_limits.streams`) rather than by a connection limit.
+CALL_CONNECTIONS = 1024
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)  # our own deadlines below bound every wait
 
 
 class UpstreamPool:
-    """One pooled aiohttp client session per backend, opened at start and closed at shutdown."""
+    """Per backend: a pooled aiohttp client session for calls and one for GET streams; opened at start, closed at
+    shutdown (or when a reloaded config's last request ends)."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
-        self._backends = dict(backends)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        # Per backend, built once: (for POST and DELETE: connect and between-bytes; for GET streams: connect only).
-        self.timeouts = {
-            name: (
-                aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=b.timeout_seconds),
-                aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=None),
-            )
-            for name, b in backends.items()
-        }
+    def __init__(self, backends: Mapping[str, Backend], *, call_connections: int = CALL_CONNECTIONS) -> None:
+        self._names = tuple(backends)
+        self._call_connections = call_connections
+        self._calls: dict[str, aiohttp.ClientSession] = {}
+        self._streams: dict[str, aiohttp.ClientSession] = {}
 
     async def start(self) -> None:
-        for name in self._backends:
-            connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=30, enable_cleanup_closed=True)
-            self._sessions[name] = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
-                auto_decompress=False,  # bytes pass through as the backend sent them
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
+        for name in self._names:
+            self._calls[name] = _client_session(self._call_connections)
+            self._streams[name] = _client_session(0)
 
     async def close(self) -> None:
-        sessions, self._sessions = self._sessions, {}
-        await asyncio.gather(*(session.close() for session in sessions.values()))
+        sessions = [*self._calls.values(), *self._streams.values()]
+        self._calls, self._streams = {}, {}
+        await asyncio.gather(*(session.close() for session in sessions))
 
-    def session(self, backend_name: str) -> aiohttp.ClientSession:
-        return self._sessions[backend_name]
-
-
-_MEMO_MAX = 1024  # header names remembered below: names come from clients and backends, so the memo is bounded
-_REQUEST_NAMES: dict[str, tuple[str, bool]] = {}  # name as sent → (lower-cased, on the fixed allow-list)
-_RESPONSE_NAMES: dict[str, bool] = {}  # name as sent → passed to the client
+    def session(self, backend_name: str, method: str) -> aiohttp.ClientSession:
+        return (self._streams if method == "GET" else self._calls)[backend_name]
 
 
-def _request_name(name: str) -> tuple[str, bool]:
-    lower = name.lower()
-    verdict = (lower, lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-"))
-    if len(_REQUEST_NAMES) < _MEMO_MAX:
-        _REQUEST_NAMES[name] = verdict
-    return verdict
-
-
-def _response_name(name: str) -> bool:
-    verdict = name.lower() not in _DROPPED_RESPONSE_HEADERS
-    if len(_RESPONSE_NAMES) < _MEMO_MAX:
-        _RESPONSE_NAMES[name] = verdict
-    return verdict
-
-
-def upstream_headers(
-    incoming: CIMultiDictProxy[str],
-    extra_allowed: frozenset[str],
-    credential_headers: Mapping[str, str],
-    request_id: str,
-) -> CIMultiDict[str]:
-    forwarded = []
-    for name, value in incoming.items():
-        lower, allowed = _REQUEST_NAMES.get(name) or _request_name(name)
-        if allowed or lower in extra_allowed:
-            forwarded.append((name, value))
-    headers: CIMultiDict[str] = CIMultiDict(forwarded)
-    headers["X-Request-ID"] = request_id
-    # The client's Accept-Encoding is not forwarded; ask for identity so bytes relay as they are (no decompression).
-    headers["Accept-Encoding"] = "identity"
-    headers.update(credential_headers)
-    return headers
-
-
-def _relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    relayed = []
-    for name, value in upstream.items():
-        allowed = _RESPONSE_NAMES.get(name)
-        if allowed is None:
-            allowed = _response_name(name)
-        if allowed:
-            relayed.append((name, value))
-    return relayed
-
-
-def response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(_relayed_response_headers(upstream))
-    headers["X-Request-ID"] = request_id
-    if headers.get("Content-Type", "").startswith(_SSE):
-        headers["X-Accel-Buffering"] = "no"
-    return headers
+def _client_session(limit: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=30, enable_cleanup_closed=True),
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
+        auto_decompress=False,  # bytes pass through as the backend sent them
+        timeout=_NO_TIMEOUT,
+    )
 
 
 def sse_error_event(code: str, message: str) -> bytes:
@@ -169,7 +88,8 @@ class RelayStats:
     headers_sent_at: float | None = None  # perf_counter() when the response headers went to the client
     bytes_out: int = 0
     upstream_headers_seconds: float | None = None
-    failure: str | None = None  # the error code when the backend failed after the response started
+    failure: str | None = None  # the error code when the stream failed after the response started
+    delivered: bool = False  # the client has the whole answer (see the module docstring)
 
 
 def _drop_tracebacks(error: BaseException) -> None:
@@ -184,6 +104,13 @@ def _drop_tracebacks(error: BaseException) -> None:
         seen.add(id(current))
         current.__traceback__ = None
         pending += (current.__cause__, current.__context__)
+
+
+class _Stalled(Exception):
+    """A gap in the body longer than its bound; `on_client`: the client was not taking the bytes."""
+
+    def __init__(self, on_client: bool) -> None:
+        self.on_client = on_client
 
 
 class Forwarder:
@@ -201,19 +128,12 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response once its headers are in, or raise a GatewayError. A `str` URL is
         taken as encoded: the path and query go upstream byte for byte, as the client sent them."""
-        session = self._pool.session(backend_name)
-        timeouts = self._pool.timeouts[backend_name]
+        session = self._pool.session(backend_name, method)
         target = yarl.URL(url, encoded=True) if isinstance(url, str) else url
         try:
-            if method == "GET":
-                # A GET stream idles by design: bound only the wait for its headers, not the gaps between events.
-                async with asyncio.timeout(backend.timeout_seconds):
-                    response = await session.request(
-                        method, target, headers=headers, timeout=timeouts[1], allow_redirects=False
-                    )
-            else:
-                response = await session.request(
-                    method, target, headers=headers, data=body, timeout=timeouts[0], allow_redirects=False
+            async with asyncio.timeout(backend.timeout_seconds):  # pool wait + connect + send + headers
+                return await session.request(
+                    method, target, headers=headers, data=body if method != "GET" else None, allow_redirects=False
                 )
         except TimeoutError as exc:
             _drop_tracebacks(exc)
@@ -221,26 +141,36 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             _drop_tracebacks(exc)
             raise BackendUnavailable(f"backend {backend_name} is unreachable") from None
-        return response
 
     async def relay(
         self,
         request: web.Request,
         response: aiohttp.ClientResponse,
         backend_name: str,
+        backend: Backend,
+        public_prefix: str,
         request_id: str,
         stats: RelayStats,
+        answer_id: str | int | None = None,
     ) -> web.StreamResponse:
-        """Stream the backend's response to the client as it arrives; returns once the client has it all."""
+        """Stream the backend's response to the client as it arrives; returns once the client has it all.
+        `public_prefix` is the gateway's URL for this backend route (for `Location`); `answer_id` the JSON-RPC id
+        of the POSTed request, whose response ends what the client is waiting for."""
         if response.status == 401:
             response.close()
             raise BackendRejectedCredential(f"backend {backend_name} rejected the gateway's credential")
-        # As `response_headers`, without a copy: the relayed headers go straight into the response's own.
         out = web.StreamResponse(status=response.status, reason=response.reason)
         headers = out.headers
-        headers.extend(_relayed_response_headers(response.headers))
+        headers.extend(relayed_response_headers(response.headers))
+        location = response.headers.get("Location")
+        if location is not None:
+            try:
+                headers["Location"] = public_location(location, response.url, backend.url, public_prefix)
+            except BaseException:
+                response.close()
+                raise
         headers["X-Request-ID"] = request_id
-        is_sse = headers.get("Content-Type", "").startswith(_SSE)
+        is_sse = headers.get("Content-Type", "").startswith(SSE)
         if is_sse:
             headers["X-Accel-Buffering"] = "no"
             OPEN_STREAMS.inc()
@@ -254,24 +184,16 @@ class Forwarder:
                 # response, in one write. Nothing waits for data that has not arrived.
                 tail = content.read_nowait()
                 stats.bytes_out += len(tail)
+            elif is_sse:
+                # A GET stream has no answer the client waits for: one it closes stays a 499 (it ended the stream).
+                watch = SseEvents() if answer_id is not None else None
+                await _copy(content, out, backend.stream_idle_timeout_seconds, stats, watch, answer_id)
             else:
-                async for chunk in content.iter_any():
-                    stats.bytes_out += len(chunk)
-                    await out.write(chunk)
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+                await _copy(content, out, backend.timeout_seconds, stats, None, None, response.content_length)
+        except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)
             response.close()
-            stats.failure = "backend_timeout" if isinstance(exc, TimeoutError) else "backend_unavailable"
-            if is_sse:
-                if isinstance(exc, TimeoutError):
-                    event = sse_error_event("backend_timeout", "the backend stopped sending within its timeout")
-                else:
-                    event = sse_error_event("backend_unavailable", "the backend stream ended abnormally")
-                await out.write(event)
-                await out.write_eof()
-            elif request.transport is not None:
-                # A JSON body cut short must not look complete: end the connection instead of the message.
-                request.transport.abort()
+            await _end_abnormally(request, out, exc, is_sse, stats)
             return out
         except BaseException:
             response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
@@ -281,4 +203,58 @@ class Forwarder:
                 OPEN_STREAMS.dec()
         response.release()
         await out.write_eof(tail)
+        stats.delivered = True
         return out
+
+
+async def _copy(
+    content: aiohttp.StreamReader,
+    out: web.StreamResponse,
+    gap: float,
+    stats: RelayStats,
+    watch: SseEvents | None,
+    answer_id: str | int | None,
+    content_length: int | None = None,
+) -> None:
+    """Copy the body as it arrives; no wait — for the backend's next bytes, or for the client to take the last
+    ones — may last longer than `gap` (else `_Stalled`)."""
+    loop = asyncio.get_running_loop()
+    on_client = False
+    try:
+        async with asyncio.timeout(gap) as deadline:
+            async for chunk in content.iter_any():
+                on_client = True
+                deadline.reschedule(loop.time() + gap)
+                stats.bytes_out += len(chunk)
+                await out.write(chunk)
+                on_client = False
+                deadline.reschedule(loop.time() + gap)
+                if watch is not None and answer_id is not None and not stats.delivered:
+                    stats.delivered = any(is_response_to(data, answer_id) for data in watch.feed(chunk))
+                elif content_length is not None and stats.bytes_out >= content_length:
+                    stats.delivered = True
+    except TimeoutError as exc:
+        _drop_tracebacks(exc)
+        raise _Stalled(on_client) from None
+
+
+async def _end_abnormally(
+    request: web.Request, out: web.StreamResponse, exc: BaseException, is_sse: bool, stats: RelayStats
+) -> None:
+    """End a response that started but cannot be completed, so that it never looks complete."""
+    if isinstance(exc, _Stalled) and exc.on_client:
+        stats.failure = "client_timeout"
+        if request.transport is not None:
+            request.transport.abort()  # the client is not reading: nothing more can be written to it
+        return
+    stats.failure = "backend_timeout" if isinstance(exc, _Stalled) else "backend_unavailable"
+    if is_sse:
+        if isinstance(exc, _Stalled):
+            event = sse_error_event("backend_timeout", "the backend stopped sending within its timeout")
+        else:
+            event = sse_error_event("backend_unavailable", "the backend stream ended abnormally")
+        await out.write(event)
+        await out.write_eof()
+    elif request.transport is not None:
+        # A JSON body cut short must not look complete: end the connection instead of the message.
+        request.transport.abort()

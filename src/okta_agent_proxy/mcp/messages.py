@@ -3,7 +3,9 @@
 The gateway reads the JSON-RPC envelope itself rather than trusting mirrored headers (`Mcp-Method`, `Mcp-Name`),
 as the 2026-07-28 transport asks of intermediaries that authorise. It forwards the original bytes untouched; the
 parsed view only feeds policy and the audit log. Anything valid JSON is forwarded — judging JSON-RPC validity is
-the backend's job — but a body that is not JSON gets the JSON-RPC parse error here (JSON-RPC 2.0 §5.1).
+the backend's job — but a body that is not JSON gets the JSON-RPC parse error here (JSON-RPC 2.0 §5.1), and a
+JSON-RPC batch (an array; removed from MCP in 2025-06-18) gets 400 `bad_request`: a batch would carry calls past
+the per-method rules, which judge one message.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from okta_agent_proxy.errors import MalformedJson
+from okta_agent_proxy.errors import BadRequest, MalformedJson
 
 MODERN_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
 _NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -21,7 +23,7 @@ _ID_TYPES = (str, int)  # a tuple made once: `str | int` in the check would buil
 
 @dataclass(frozen=True, slots=True)
 class McpMessage:
-    kind: Literal["request", "notification", "response", "batch", "other"]
+    kind: Literal["request", "notification", "response", "other"]
     method: str | None = None
     id: str | int | None = None
     name: str | None = None  # tool or prompt name, or resource URI
@@ -46,7 +48,7 @@ def parse_message(body: bytes) -> McpMessage:
     except (ValueError, RecursionError):
         raise MalformedJson("Parse error: the request body is not valid JSON") from None
     if isinstance(document, list):
-        return McpMessage("batch")
+        raise BadRequest("JSON-RPC batches are not accepted (removed from MCP in 2025-06-18): one message per POST")
     if not isinstance(document, dict):
         return McpMessage("other")
     method = document.get("method")

@@ -40,6 +40,15 @@ AUDIT_DROPPED = Gauge(
     "Audit events dropped since start (queue full under when_full: drop).",
     multiprocess_mode="livesum",
 )
+UNREADABLE_REQUESTS = Counter(
+    "oap_unreadable_requests", "Requests the HTTP parser refused before any handler (answered 400 bad_request)."
+)
+CONNECTIONS_CLOSED = Counter(
+    "oap_connections_closed",
+    "Client connections the gateway closed: too slow to send a request (slow), or to admit another at "
+    "MAX_CONNECTIONS (evicted, refused).",
+    ["reason"],
+)
 OPEN_STREAMS = Gauge("oap_open_sse_streams", "SSE responses being relayed right now.", multiprocess_mode="livesum")
 
 

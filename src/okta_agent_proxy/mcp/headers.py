@@ -1,0 +1,137 @@
+"""Which headers cross the gateway, in each direction (DESIGN.md §2, "No token passthrough").
+
+Requests: an allow-list only, so the caller's `Authorization`, cookies and anything unknown never reach a backend;
+the backend's own credential is added instead. Responses: everything but hop-by-hop headers, our own `Date` and
+`Server`, and the backend's `WWW-Authenticate` (the client authenticates to the gateway, not to the backend —
+PROTOCOL.md §4). In both directions the headers a `Connection` header names are hop-by-hop too and are dropped
+(RFC 9110 §7.6.1). A backend's `Location` names the backend's own URL, which the client cannot (and must not) reach:
+it is rewritten to the gateway's public path for that backend, and any other `Location` is refused (502).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import yarl
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from okta_agent_proxy.errors import BadBackendResponse
+
+# DESIGN.md §2: request headers a backend may see. Mcp-Param-* is matched by prefix.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "content-type",
+        "accept",
+        "accept-language",
+        "user-agent",
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+        "last-event-id",
+        "traceparent",
+        "tracestate",
+    }
+)
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
+# Response headers the client never gets from a backend: hop-by-hop ones, our own Date/Server, and the backend's
+# auth challenge.
+_DROPPED_RESPONSE_HEADERS = _HOP_BY_HOP | {"date", "server", "www-authenticate"}
+# `Connection` options that name no header (RFC 9112 §9.3, §9.6).
+_CONNECTION_OPTIONS = frozenset({"close", "keep-alive"})
+SSE = "text/event-stream"
+
+_MEMO_MAX = 1024  # header names remembered below: names come from clients and backends, so the memo is bounded
+_REQUEST_NAMES: dict[str, tuple[str, bool]] = {}  # name as sent → (lower-cased, on the fixed allow-list)
+_RESPONSE_NAMES: dict[str, bool] = {}  # name as sent → passed to the client
+
+
+def _request_name(name: str) -> tuple[str, bool]:
+    lower = name.lower()
+    verdict = (lower, lower in FORWARDED_REQUEST_HEADERS or lower.startswith("mcp-param-"))
+    if len(_REQUEST_NAMES) < _MEMO_MAX:
+        _REQUEST_NAMES[name] = verdict
+    return verdict
+
+
+def _response_name(name: str) -> bool:
+    verdict = name.lower() not in _DROPPED_RESPONSE_HEADERS
+    if len(_RESPONSE_NAMES) < _MEMO_MAX:
+        _RESPONSE_NAMES[name] = verdict
+    return verdict
+
+
+def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The (lower-cased) header names that `Connection` headers list, besides `close` and `keep-alive`."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    names = {token.strip().lower() for value in values for token in value.split(",")}
+    return frozenset(names - _CONNECTION_OPTIONS - {""})
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    extra_allowed: frozenset[str],
+    credential_headers: Mapping[str, str],
+    request_id: str,
+) -> CIMultiDict[str]:
+    hop_by_hop = connection_named(incoming)
+    forwarded = []
+    for name, value in incoming.items():
+        lower, allowed = _REQUEST_NAMES.get(name) or _request_name(name)
+        if (allowed or lower in extra_allowed) and lower not in hop_by_hop:
+            forwarded.append((name, value))
+    headers: CIMultiDict[str] = CIMultiDict(forwarded)
+    headers["X-Request-ID"] = request_id
+    # The client's Accept-Encoding is not forwarded; ask for identity so bytes relay as they are (no decompression).
+    headers["Accept-Encoding"] = "identity"
+    headers.update(credential_headers)
+    return headers
+
+
+def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    hop_by_hop = connection_named(upstream)
+    relayed = []
+    for name, value in upstream.items():
+        allowed = _RESPONSE_NAMES.get(name)
+        if allowed is None:
+            allowed = _response_name(name)
+        if allowed and (not hop_by_hop or name.lower() not in hop_by_hop):
+            relayed.append((name, value))
+    return relayed
+
+
+def public_location(location: str, requested: yarl.URL, backend_url: str, public_prefix: str) -> str:
+    """The client's view of a backend's `Location`: the same place under the gateway's path for this backend.
+
+    `location` is resolved against the URL the gateway requested (RFC 9110 §10.2.2: it may be relative); if it is
+    the backend's `url` or below it, its remainder is appended to `public_prefix` (the gateway's base URL and the
+    route's path). Anything else — another host, or a path outside the backend — would send the client somewhere
+    the gateway does not guard: BadBackendResponse."""
+    try:
+        target = requested.join(yarl.URL(location))
+    except ValueError:
+        raise BadBackendResponse("the backend answered with an unusable Location") from None
+    base = yarl.URL(backend_url)
+    same_origin = (target.scheme, target.host, target.port) == (base.scheme, base.host, base.port)
+    base_path = base.raw_path.rstrip("/")
+    path = target.raw_path
+    if not same_origin or not (path == base_path or path.startswith(base_path + "/") or (not base_path)):
+        raise BadBackendResponse("the backend redirected outside its own URL")
+    rest = path[len(base_path) :]
+    query = f"?{target.raw_query_string}" if target.raw_query_string else ""
+    fragment = f"#{target.raw_fragment}" if target.raw_fragment else ""
+    return f"{public_prefix.rstrip('/')}{rest}{query}{fragment}"
