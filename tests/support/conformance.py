@@ -7,7 +7,8 @@ scenario passes when none of its checks failed — the suite's own verdict. Both
 agree, so a change in the suite's output format fails loudly instead of silently counting zero.
 
 The same function serves the direct run against the fixture backend and the run through the gateway; a correct
-pass-through gateway must produce the same `passed`, `failed` and `failing_names`.
+pass-through gateway must produce the same `check_counts()`: per scenario, the same numbers of passed, failed and
+warning checks (`compare()` names the scenarios that differ).
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ class ConformanceResult:
     @property
     def warnings(self) -> int:
         return sum(s.warnings for s in self.scenarios)
+
+    def check_counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per scenario: (checks passed, checks failed, warnings) — what two faithful runs agree on exactly."""
+        return {s.name: (s.checks_passed, s.checks_failed, s.warnings) for s in self.scenarios}
+
+    def compare(self, baseline: ConformanceResult) -> str:
+        """The scenarios whose check counts differ from `baseline`'s, then this run's own account."""
+        mine, theirs = self.check_counts(), baseline.check_counts()
+        lines = ["scenario: (passed, failed, warnings) baseline -> this run"]
+        for name in sorted(mine.keys() | theirs.keys()):
+            if mine.get(name) != theirs.get(name):
+                lines.append(f"  {name}: {theirs.get(name)} -> {mine.get(name)}")
+        return "\n".join([*lines, self.describe()])
 
     def describe(self) -> str:
         """A readable account of failures and warnings, for assertion messages."""

@@ -12,6 +12,14 @@ It publishes its metadata at both `/.well-known/openid-configuration` and the RF
 `/.well-known/oauth-authorization-server`; `hide_rfc8414=True` answers 404 on the latter, so discovery has to fall
 back to the OIDC document.
 
+Cross App Access (`cross_app=CrossApp(agents, target)`, `tests/node/oidc_provider_xaa.mjs`): the server then plays
+Okta's org authorization server for the agents — token endpoint at Okta's `/oauth2/v1/token` (where the gateway
+sends step 1: `{OKTA_DOMAIN}/oauth2/v1/token`), the RFC 8693 exchange of an access token (its `aud` must be the
+agent's `resource`, its client the agent or one that delegates to it) for an ID-JAG, the agent authenticated with
+private_key_jwt — and a second oidc-provider at `/oauth2/<target.id>` (`OidcProvider.target_issuer`) is the backend's
+authorization server, redeeming those ID-JAGs (RFC 7523) for JWT access tokens audience-restricted to the backend.
+`OidcProvider.log()` has one line per ID-JAG issued or redeemed and per refused token request (never a token).
+
 `client_credentials_token(base, client_id, secret, resource, scope)` gets a token from it (`TokenRequestError`
 carries the OAuth error when it refuses). A missing Node 22 or package skips the calling test, or fails it under
 `OAP_REQUIRE_SERVICES=1`.
@@ -35,8 +43,12 @@ from .processes import ServerProcess, start_server
 
 __all__ = [
     "OIDC_PROVIDER_VERSION",
+    "ORG_TOKEN_PATH",
     "SERVER_SCRIPT",
     "SUPPORTED_SCOPES",
+    "CrossApp",
+    "CrossAppAgent",
+    "CrossAppTarget",
     "OidcClient",
     "OidcProvider",
     "TokenRequestError",
@@ -49,6 +61,7 @@ OIDC_PROVIDER_VERSION = "9.13.3"
 SERVER_SCRIPT = REPO_ROOT / "tests" / "node" / "oidc_provider_server.mjs"
 NPM_DIR = CACHE_DIR / "npm"
 SUPPORTED_SCOPES = frozenset({"mcp:read", "mcp:write"})
+ORG_TOKEN_PATH = "/oauth2/v1/token"  # Okta's org authorization server's token endpoint
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -62,12 +75,53 @@ class OidcClient:
 
 
 @dataclass(frozen=True)
+class CrossAppAgent:
+    """An AI agent at the IdP: a private_key_jwt client (its public JWK) that may exchange access tokens whose `aud`
+    is its `resource` and whose client is itself or one of `delegating_client_ids` (Okta's delegation link)."""
+
+    client_id: str
+    public_jwk: dict[str, Any]
+    resource: str
+    delegating_client_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CrossAppTarget:
+    """The backend's authorization server, served at `/oauth2/<id>`: its resources (audiences) and scopes."""
+
+    id: str
+    resources: tuple[str, ...]
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CrossApp:
+    agents: tuple[CrossAppAgent, ...]
+    target: CrossAppTarget
+
+    def environment(self) -> str:
+        agents = [
+            {
+                "client_id": a.client_id,
+                "jwk": a.public_jwk,
+                "resource": a.resource,
+                "delegating_client_ids": list(a.delegating_client_ids),
+            }
+            for a in self.agents
+        ]
+        target = {"id": self.target.id, "resources": list(self.target.resources), "scopes": list(self.target.scopes)}
+        return json.dumps({"agents": agents, "target": target})
+
+
+@dataclass(frozen=True)
 class OidcProvider:
     """A running oidc-provider."""
 
     server: ServerProcess
     resources: tuple[str, ...]
     clients: tuple[OidcClient, ...]
+    token_path: str = "/token"
+    cross_app: CrossApp | None = None
 
     @property
     def issuer(self) -> str:
@@ -75,15 +129,31 @@ class OidcProvider:
 
     @property
     def token_endpoint(self) -> str:
-        return self.server.url("/token")
+        return self.server.url(self.token_path)
+
+    @property
+    def target_issuer(self) -> str:
+        """The backend authorization server's issuer (Cross App Access only)."""
+        assert self.cross_app is not None, "started without cross_app"
+        return self.server.url(f"/oauth2/{self.cross_app.target.id}")
+
+    @property
+    def target_token_endpoint(self) -> str:
+        return self.target_issuer + "/token"
 
     def client(self, client_id: str) -> OidcClient:
         return next(c for c in self.clients if c.client_id == client_id)
 
+    def log(self) -> list[str]:
+        """The server's own lines (`oidc-provider: …`): ID-JAGs issued and redeemed, refused token requests."""
+        return [line for line in self.server.output().splitlines() if line.startswith("oidc-provider: ")]
+
     async def token(self, client_id: str, resource: str, scope: str = "mcp:read mcp:write") -> str:
         """A token for one of this provider's clients."""
         client = self.client(client_id)
-        return await client_credentials_token(self.issuer, client.client_id, client.client_secret, resource, scope)
+        return await client_credentials_token(
+            self.issuer, client.client_id, client.client_secret, resource, scope, token_endpoint=self.token_endpoint
+        )
 
 
 class TokenRequestError(Exception):
@@ -120,11 +190,14 @@ def running_oidc_provider(
     *,
     hide_rfc8414: bool = False,
     access_token_alg: str = "RS256",
+    cross_app: CrossApp | None = None,
     timeout: float = 30.0,
 ) -> Iterator[OidcProvider]:
-    """oidc-provider on 127.0.0.1:<free port>, ready once its OIDC discovery document answers 200."""
+    """oidc-provider on 127.0.0.1:<free port>, ready once its OIDC discovery document answers 200. With
+    `cross_app`, its token endpoint is at Okta's `/oauth2/v1/token` and it does Cross App Access (module doc)."""
     require_oidc_provider()
     node = require_node_tool("node")
+    token_path = ORG_TOKEN_PATH if cross_app is not None else "/token"
     client_specs = json.dumps(
         [{"client_id": c.client_id, "client_secret": c.client_secret, "okta_cid": c.okta_cid} for c in clients]
     )
@@ -137,6 +210,8 @@ def running_oidc_provider(
             "OIDC_CLIENTS": client_specs,
             "OIDC_HIDE_RFC8414": "1" if hide_rfc8414 else "",
             "OIDC_ACCESS_TOKEN_ALG": access_token_alg,
+            "OIDC_TOKEN_PATH": token_path,
+            "OIDC_CROSS_APP": cross_app.environment() if cross_app is not None else "",
             "OAP_NPM_DIR": str(NPM_DIR),
         }
 
@@ -148,7 +223,7 @@ def running_oidc_provider(
         timeout=timeout,
         name="oidc-provider",
     ) as server:
-        yield OidcProvider(server, tuple(resources), tuple(clients))
+        yield OidcProvider(server, tuple(resources), tuple(clients), token_path, cross_app)
 
 
 async def client_credentials_token(
