@@ -95,7 +95,7 @@ class Edge:
         for name in SECURITY_HEADERS:
             if len(headers.getall(name, ())) > 1:
                 raise BadRequest(f"the {name} header was sent more than once")
-        if request.raw_path.find("?") >= 0 and "access_token" in request.query:
+        if request.raw_path.find("?") >= 0 and any(name.lower() == "access_token" for name in request.query):
             raise BadRequest("an access token must be sent in the Authorization header, never in the URL")
         if not request.path.isprintable():
             raise BadRequest("the request path contains control characters")

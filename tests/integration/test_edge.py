@@ -95,7 +95,15 @@ async def test_a_security_header_sent_twice_is_refused_first_and_audited(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "query", ["access_token=abc", "x=1&access_token=abc", "access%5Ftoken=abc", "access_token", "access_token="]
+    "query",
+    [
+        "access_token=abc",
+        "x=1&access_token=abc",
+        "access%5Ftoken=abc",
+        "access_token",
+        "access_token=",
+        "Access_Token=abc",
+    ],
 )
 @pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
 async def test_a_token_in_the_query_string_is_refused_never_forwarded(tmp_path: Path, query: str, method: str) -> None:
