@@ -238,13 +238,7 @@ async def test_follow_sees_rows_committed_while_it_runs(kind: str, tmp_path: Pat
         store = await open_store(url)
         try:
             await write_events(store, [0])
-            process = await asyncio.create_subprocess_exec(
-                *_argv("--json", "--follow", "--database-url", url),
-                cwd=tmp_path,
-                env=_environment(),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            process = await _follow(url, tmp_path)
             try:
                 assert process.stdout is not None
                 seen = [await _next_request_id(process.stdout)]
@@ -261,6 +255,17 @@ async def test_follow_sees_rows_committed_while_it_runs(kind: str, tmp_path: Pat
             await store.close()
 
 
+async def _follow(url: str, cwd: Path) -> asyncio.subprocess.Process:
+    """`audit --json --follow` against `url`, as a subprocess whose output the test reads."""
+    return await asyncio.create_subprocess_exec(
+        *_argv("--json", "--follow", "--database-url", url),
+        cwd=cwd,
+        env=_environment(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def _next_request_id(stdout: asyncio.StreamReader) -> str:
     line = await asyncio.wait_for(stdout.readline(), WAIT_SECONDS)
     assert line, "audit --follow ended"
@@ -271,13 +276,7 @@ async def _next_request_id(stdout: asyncio.StreamReader) -> str:
 async def test_follow_ends_with_one_line_when_the_database_goes_away(tmp_path: Path) -> None:
     async with postgres_database() as url:
         await migrate(url)
-        process = await asyncio.create_subprocess_exec(
-            *_argv("--json", "--follow", "--database-url", url),
-            cwd=tmp_path,
-            env=_environment(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        process = await _follow(url, tmp_path)
         try:
             store = await open_store(url)
             try:

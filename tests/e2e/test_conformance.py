@@ -44,8 +44,8 @@ from tests.support.conformance import (
 from tests.support.conformance_gateway import authenticated_gateway
 from tests.support.conformance_resumption import PROTOCOL_VERSION, resume_dropped_call
 from tests.support.gateway import psk_backend
-from tests.support.node_tools import env_with_node22, require_node_tool
-from tests.support.processes import ServerProcess, start_server
+from tests.support.node_tools import require_node_tool, server_everything
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
@@ -113,13 +113,7 @@ async def test_gateway_scores_exactly_what_the_backend_scores() -> None:
 
 @pytest.fixture(scope="module")
 def everything() -> Iterator[ServerProcess]:
-    tool = require_node_tool("mcp-server-everything")
-    with start_server(
-        lambda port: ["env", f"PORT={port}", str(tool), "streamableHttp"],
-        http_path="/mcp",
-        env=env_with_node22(),
-        name="server-everything",
-    ) as server:
+    with server_everything() as server:
         yield server
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from tests.integration.sse import MCP_ACCEPT, SseEvent, iter_sse, read_sse
 from tests.support.gateway import gateway_config, psk_backend, running_gateway
-from tests.support.node_tools import env_with_node22, require_node_tool
-from tests.support.processes import ServerProcess, start_server
+from tests.support.node_tools import server_everything
+from tests.support.processes import ServerProcess
 
 pytestmark = pytest.mark.node
 
@@ -28,14 +28,7 @@ BOUND = 10.0
 
 @pytest.fixture(scope="module")
 def everything() -> Iterator[ServerProcess]:
-    tool = require_node_tool("mcp-server-everything")
-    # The server takes its port from $PORT; env(1) sets it per attempt, as the port is chosen per attempt.
-    with start_server(
-        lambda port: ["env", f"PORT={port}", str(tool), "streamableHttp"],
-        http_path="/mcp",
-        env=env_with_node22(),
-        name="server-everything",
-    ) as server:
+    with server_everything() as server:
         yield server
 
 

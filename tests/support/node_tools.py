@@ -10,10 +10,13 @@ are `#!/usr/bin/env node` scripts that need Node 22, so run them with `env=env_w
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from .processes import ServerProcess, start_server
 
 __all__ = [
     "CACHE_DIR",
@@ -71,3 +74,18 @@ def env_with_node22(base: Mapping[str, str] | None = None) -> dict[str, str]:
     path = env.get("PATH", "")
     env["PATH"] = os.pathsep.join(p for p in (str(NODE22_BIN_DIR), str(NPM_BIN_DIR), path) if p)
     return env
+
+
+@contextmanager
+def server_everything() -> Iterator[ServerProcess]:
+    """`@modelcontextprotocol/server-everything streamableHttp`: the reference stateful backend (sessions, GET streams,
+    resumable streams, DELETE). It takes its port from $PORT; env(1) sets it per attempt, as the port is chosen per
+    attempt."""
+    tool = require_node_tool("mcp-server-everything")
+    with start_server(
+        lambda port: ["env", f"PORT={port}", str(tool), "streamableHttp"],
+        http_path="/mcp",
+        env=env_with_node22(),
+        name="server-everything",
+    ) as server:
+        yield server
