@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules
+from okta_agent_proxy.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
 from okta_agent_proxy.errors import GatewayError, NotFound
 from okta_agent_proxy.gateway import Gateway
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
 from okta_agent_proxy.observability.metrics import AUDIT_DROPPED, AUDIT_QUEUE_DEPTH
 from okta_agent_proxy.observability.metrics import render as render_metrics
-from okta_agent_proxy.pipeline import error_response, request_id
+from okta_agent_proxy.pipeline import error_response
 from okta_agent_proxy.reload import ConfigReloader
 from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter

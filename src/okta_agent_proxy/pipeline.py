@@ -11,8 +11,6 @@ started, the forwarder ends it (an SSE error event, or an aborted connection for
 
 from __future__ import annotations
 
-import random
-import re
 import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -21,7 +19,7 @@ import yarl
 from aiohttp import web
 
 from okta_agent_proxy.config import CrossAppBackend, StreamLimits
-from okta_agent_proxy.edge import Edge
+from okta_agent_proxy.edge import Edge, request_id
 from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
@@ -54,7 +52,6 @@ from okta_agent_proxy.settings import Settings
 
 log = get_logger(__name__)
 FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MEMO_MAX = 1024  # entries in each per-generation memo keyed by what a client sends (a path): bounded
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar and "/": what a path keeps unescaped
 _NOT_ANSWERED = Outcome(CLIENT_CLOSED, "client_closed")
@@ -336,20 +333,6 @@ def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
         error.headers["WWW-Authenticate"] = bearer_challenge(
             metadata_url(base_url, path), error="insufficient_scope", scopes=error.scopes
         )
-
-
-_random_bits = random.getrandbits  # request ids must be unique, not secret: a client may choose its own
-_now_ns = time.time_ns
-
-
-def request_id(request: web.Request) -> str:
-    """The client's `X-Request-ID` if it is sane; else 32 hex digits, time-ordered as a UUIDv7 is (milliseconds
-    since the epoch, then 80 random bits): unique, sortable, and appended at the end of the audit log's request-id
-    index rather than at random places in it (random keys made each audit insert 2-3x as costly)."""
-    supplied = request.headers.get("X-Request-ID")
-    if supplied and _REQUEST_ID.match(supplied):
-        return supplied
-    return f"{_now_ns() // 1_000_000:012x}{_random_bits(80):020x}"
 
 
 def _upstream_outcome(status: int) -> Outcome:
