@@ -200,7 +200,7 @@ class Gateway:
         if self.validator is not None:
             agents = AgentDirectory(loaded.config.agents, mode=self.settings.AGENT_IDENTIFICATION)
             inbound = InboundIdentity(self.validator, agents, self._sessions)
-        pool = UpstreamPool(loaded.config.backends)
+        pool = UpstreamPool(loaded.config.backends, call_connections=self.settings.max_connections)
         scopes = scopes_by_backend(loaded.config)
         pipeline = build_pipeline(loaded, pool, inbound, self._idp_session, self.edge, self.stream_slots, self._audit)
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))

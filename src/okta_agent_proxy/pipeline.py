@@ -335,8 +335,14 @@ def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
         )
 
 
+_OUTCOMES: dict[int, Outcome] = {}  # one per status a backend answered (statuses are bounded: 100-599)
+
+
 def _upstream_outcome(status: int) -> Outcome:
-    return Outcome(status, "ok" if status < 400 else f"upstream_{status}")
+    outcome = _OUTCOMES.get(status)
+    if outcome is None:
+        outcome = _OUTCOMES[status] = Outcome(status, "ok" if status < 400 else f"upstream_{status}")
+    return outcome
 
 
 def _caller(exchange: Exchange) -> Caller | None:

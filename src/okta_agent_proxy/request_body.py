@@ -22,7 +22,9 @@ async def read_body(request: web.Request, limit: int, gap: float) -> bytes:
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     content = request.content
-    if content.is_eof():
+    if content.is_eof():  # all of it arrived with the headers (nearly every MCP message)
+        if declared is not None:
+            return await request.read()  # bounded by the declared length, which is within the limit
         return await _read(content, limit, None, gap)
     try:
         async with asyncio.timeout(gap) as deadline:

@@ -16,8 +16,10 @@ nowhere else reaches into aiohttp's server:
 
 How: `GatewayRunner` builds aiohttp's server as usual and gives it the `_GatewayServer` class (aiohttp builds the
 server inside `AppRunner._make_server`, a private method, and has no hook for the connection class). The server
-then makes `_Connection`s; its public `connection_made`/`connection_lost` hooks and a wrapper around its public
-`request_handler` tell `ConnectionGuard` when a connection opens, closes, starts a request and goes idle.
+then makes `_Connection`s; its public `connection_made`/`connection_lost` hooks tell `ConnectionGuard` when a
+connection opens and closes, and the guard reads three fields of aiohttp's own connection state (whether a request
+is in progress, how many have come, when keep-alive would end) when it sweeps or evicts — never per request, so the
+guard costs the request path only a check in `data_received`.
 tests/integration/test_slow_clients.py and the parser-refusal test in test_errors.py fail if aiohttp changes any
 of this underneath.
 """
@@ -25,9 +27,8 @@ of this underneath.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -52,18 +53,21 @@ class ConnectionLimits:
 
 
 class _Connection(RequestHandler):
-    """aiohttp's connection handler, with the gateway's answer to unreadable requests and a note of when a request
-    began to arrive on an idle connection."""
+    """aiohttp's connection handler, with the gateway's answer to unreadable requests, and a note of when data last
+    began to arrive after a whole request had come in — what `ConnectionGuard` needs to find a request that is being
+    sent too slowly. Nothing is called per request for it: two attribute writes when data comes."""
 
-    __slots__ = ("receiving_since",)
+    __slots__ = ("opened_at", "partial_count", "partial_since")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self.receiving_since: float | None = None
+        self.opened_at = 0.0
+        self.partial_since: float | None = None  # -1: data came, the guard's next sweep stamps the time
+        self.partial_count = 0  # requests parsed on this connection when that data came
 
     def data_received(self, data: bytes) -> None:
-        if self.receiving_since is None:
-            self.receiving_since = -1.0  # "look at me": the guard decides whether a request is in progress
+        if self.partial_since is None or self.partial_count != self._request_count:
+            self.partial_since, self.partial_count = -1.0, self._request_count
         super().data_received(data)
 
     def handle_error(
@@ -78,72 +82,70 @@ class _Connection(RequestHandler):
         replacement.force_close()
         return replacement
 
+    # aiohttp's own bookkeeping, read (never written) by the guard — only when it sweeps or must evict, never per
+    # request. Each is private to aiohttp's `RequestHandler`; tests/integration/test_slow_clients.py fails if one
+    # changes meaning.
+    @property
+    def busy(self) -> bool:
+        """A request is being handled (its response not yet finished)."""
+        return self._request_in_progress
+
+    @property
+    def requests_parsed(self) -> int:
+        """Requests whose headers have come in on this connection."""
+        return self._request_count
+
+    @property
+    def idle_until(self) -> float:
+        """When aiohttp's keep-alive timer would close it (the last response's end + KEEPALIVE_TIMEOUT_SECONDS)."""
+        return self._next_keepalive_close_time
+
 
 class ConnectionGuard:
-    """Which connections are open, and which of them may be closed: those that have not sent a whole request yet
-    (`_waiting`, oldest first) and those idle between requests (`_idle`, longest idle first)."""
+    """The open connections, and which of them to close: a sweep every `SWEEP_SECONDS` closes those too slow to send a
+    request, and at `max_connections` a new connection is admitted by closing the one that has waited longest without
+    sending a whole request, else the longest idle one (both found by a scan, which happens only at the limit)."""
 
     def __init__(self, limits: ConnectionLimits, loop: asyncio.AbstractEventLoop) -> None:
         self._limits = limits
         self._loop = loop
-        self._open = 0
-        self._waiting: dict[_Connection, float] = {}  # → when it opened
-        self._idle: dict[_Connection, None] = {}
+        self._connections: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
-        return self._open
+        return len(self._connections)
 
     def opened(self, connection: _Connection) -> None:
-        self._open += 1
-        if self._open > self._limits.max_connections and not self._evict_one():
+        connection.opened_at = self._loop.time()
+        self._connections.add(connection)
+        if len(self._connections) > self._limits.max_connections and not self._evict_one(connection):
             self._abort(connection, "refused")  # every other connection is busy with a request: it must wait
             return
-        self._waiting[connection] = self._loop.time()
-        connection.receiving_since = None
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def closed(self, connection: _Connection) -> None:
-        self._open -= 1
-        self._waiting.pop(connection, None)
-        self._idle.pop(connection, None)
+        self._connections.discard(connection)
 
-    def busy(self, connection: _Connection) -> None:
-        self._waiting.pop(connection, None)
-        self._idle.pop(connection, None)
-        connection.receiving_since = 0.0  # ignored until it is idle again
-
-    def idle(self, connection: _Connection) -> None:
-        if connection.transport is not None:
-            connection.receiving_since = None
-            self._idle[connection] = None
-
-    def wrap(
-        self, handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
-    ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
-        async def handle(request: BaseRequest) -> web.StreamResponse:
-            connection = cast(_Connection, request.protocol)  # `_GatewayServer` makes only these
-            self.busy(connection)
-            try:
-                return await handler(request)
-            finally:
-                self.idle(connection)
-
-        return handle
-
-    def _evict_one(self) -> bool:
-        for connections in (self._waiting, self._idle):
-            if connections:
-                oldest = next(iter(connections))
-                self._abort(oldest, "evicted")
-                return True
-        return False
+    def _evict_one(self, newcomer: _Connection) -> bool:
+        waiting = idle = None
+        for connection in self._connections:
+            if connection is newcomer or connection.busy:
+                continue
+            if connection.requests_parsed == 0:
+                if waiting is None or connection.opened_at < waiting.opened_at:
+                    waiting = connection
+            elif idle is None or connection.idle_until < idle.idle_until:
+                idle = connection
+        victim = waiting or idle
+        if victim is None:
+            return False
+        self._abort(victim, "evicted")
+        return True
 
     def _abort(self, connection: _Connection, reason: str) -> None:
-        self._waiting.pop(connection, None)
-        self._idle.pop(connection, None)
+        self._connections.discard(connection)
         CONNECTIONS_CLOSED.labels(reason).inc()
         if connection.transport is not None:
             connection.transport.abort()  # frees the descriptor now; connection_lost follows
@@ -152,22 +154,27 @@ class ConnectionGuard:
         self._sweeper = None
         now = self._loop.time()
         deadline = now - self._limits.header_read_timeout
-        expired = []
-        for connection, opened in self._waiting.items():
-            if opened > deadline:
-                break  # the rest opened later
-            expired.append(connection)
-        for connection in expired:
-            self._abort(connection, "slow")
-        for connection in list(self._idle):
-            since = connection.receiving_since
+        slow = []
+        for connection in self._connections:
+            if connection.busy:
+                continue
+            parsed = connection.requests_parsed
+            if parsed == 0:
+                if connection.opened_at <= deadline:
+                    slow.append(connection)  # its first request's headers did not come in time
+                continue
+            since = connection.partial_since
             if since is None:
                 continue
-            if since < 0:
-                connection.receiving_since = now  # a request began to arrive since the last sweep
+            if connection.partial_count != parsed:
+                connection.partial_since = None  # that data was a request, and it came in whole
+            elif since < 0:
+                connection.partial_since = now  # part of a next request came since the last sweep
             elif since <= deadline:
-                self._abort(connection, "slow")
-        if self._open > 0:
+                slow.append(connection)
+        for connection in slow:
+            self._abort(connection, "slow")
+        if self._connections:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def close(self) -> None:
@@ -207,7 +214,6 @@ class GatewayRunner(web.AppRunner):
         server.__class__ = _GatewayServer
         assert isinstance(server, _GatewayServer)
         server.guard = self.guard = ConnectionGuard(self.limits, asyncio.get_running_loop())
-        server.request_handler = self.guard.wrap(server.request_handler)
         return server
 
     async def cleanup(self) -> None:

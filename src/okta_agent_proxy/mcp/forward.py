@@ -8,10 +8,10 @@ buffered — and SSE responses carry `X-Accel-Buffering: no` for any buffering p
 Capacity and time (DESIGN.md §9, "Timeouts and streams"):
 - Each backend has two connection pools: one for request/response calls (POST, DELETE) and one for GET streams, so
   streams — idle by design, and held as long as a client likes — can never take the connections calls need.
-- `timeout_seconds` bounds waiting for a pooled connection, connecting and the response headers together, for every
-  method (504 `backend_timeout`). After the headers, each gap in the body is bounded: by `timeout_seconds` for a
-  JSON answer, by `stream_idle_timeout_seconds` for an SSE stream. The gap also covers handing each chunk to the
-  client, so a client that stops reading cannot hold a stream open either.
+- No request waits for a pooled connection (see `UpstreamPool`); `timeout_seconds` bounds the connect and the wait
+  for the response headers, for every method (504 `backend_timeout`). After the headers, each gap in the body is
+  bounded: by `timeout_seconds` for a JSON answer, by `stream_idle_timeout_seconds` for an SSE stream. The gap also
+  covers handing each chunk to the client, so a client that stops reading cannot hold a stream open either.
 - A client that goes away cancels the handler, which closes the upstream connection: the backend sees it too.
 
 Whether the client got the answer (`RelayStats.delivered`) matters when it hangs up at the very end: a client that
@@ -33,25 +33,33 @@ from multidict import CIMultiDict
 
 from okta_agent_proxy.config import Backend
 from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
+from okta_agent_proxy.mcp.aiohttp_client import stop_read_timeout
 from okta_agent_proxy.mcp.headers import SSE, public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
 from okta_agent_proxy.observability.metrics import OPEN_STREAMS
 
-# Connections per backend for request/response calls. GET streams have a pool of their own, bounded by the stream
-# caps (`rate_limits.streams`) rather than by a connection limit.
-CALL_CONNECTIONS = 1024
-_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)  # our own deadlines below bound every wait
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 
 
 class UpstreamPool:
     """Per backend: a pooled aiohttp client session for calls and one for GET streams; opened at start, closed at
-    shutdown (or when a reloaded config's last request ends)."""
+    shutdown (or when a reloaded config's last request ends).
 
-    def __init__(self, backends: Mapping[str, Backend], *, call_connections: int = CALL_CONNECTIONS) -> None:
+    No request ever waits for a pooled connection: a request in flight holds one client connection, and the calls
+    pool may hold as many connections as the gateway admits clients (`call_connections`, `MAX_CONNECTIONS`), so a wait
+    would need more calls in flight than connections. GET streams, bounded by the stream caps instead, have a pool of
+    their own without a limit. So `timeout_seconds` needs to bound only the connect and the wait for headers."""
+
+    def __init__(self, backends: Mapping[str, Backend], *, call_connections: int) -> None:
         self._names = tuple(backends)
         self._call_connections = call_connections
         self._calls: dict[str, aiohttp.ClientSession] = {}
         self._streams: dict[str, aiohttp.ClientSession] = {}
+        # Per backend, built once: the connect and each read (the wait for headers, first of all), bounded.
+        self.timeouts = {
+            name: aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=b.timeout_seconds)
+            for name, b in backends.items()
+        }
 
     async def start(self) -> None:
         for name in self._names:
@@ -131,10 +139,14 @@ class Forwarder:
         session = self._pool.session(backend_name, method)
         target = yarl.URL(url, encoded=True) if isinstance(url, str) else url
         try:
-            async with asyncio.timeout(backend.timeout_seconds):  # pool wait + connect + send + headers
-                return await session.request(
-                    method, target, headers=headers, data=body if method != "GET" else None, allow_redirects=False
-                )
+            return await session.request(
+                method,
+                target,
+                headers=headers,
+                data=body if method != "GET" else None,
+                timeout=self._pool.timeouts[backend_name],  # the connect, and the wait for the headers
+                allow_redirects=False,
+            )
         except TimeoutError as exc:
             _drop_tracebacks(exc)
             raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
@@ -186,9 +198,11 @@ class Forwarder:
                 stats.bytes_out += len(tail)
             elif is_sse:
                 # A GET stream has no answer the client waits for: one it closes stays a 499 (it ended the stream).
+                stop_read_timeout(response)  # the gaps are `_copy`'s to bound now
                 watch = SseEvents() if answer_id is not None else None
                 await _copy(content, out, backend.stream_idle_timeout_seconds, stats, watch, answer_id)
             else:
+                stop_read_timeout(response)
                 await _copy(content, out, backend.timeout_seconds, stats, None, None, response.content_length)
         except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)

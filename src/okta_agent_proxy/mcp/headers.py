@@ -73,11 +73,14 @@ def _response_name(name: str) -> bool:
     return verdict
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """The (lower-cased) header names that `Connection` headers list, besides `close` and `keep-alive`."""
     values = headers.getall("Connection", ())
-    if not values:
-        return frozenset()
+    if not values or (len(values) == 1 and values[0].lower() in _CONNECTION_OPTIONS):
+        return _NONE  # the common case: no header, or just `keep-alive` (nginx, aiohttp) or `close`
     names = {token.strip().lower() for value in values for token in value.split(",")}
     return frozenset(names - _CONNECTION_OPTIONS - {""})
 
