@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
-from multidict import istr
+from multidict import CIMultiDict, istr
 
 from okta_agent_proxy.errors import BadRequest, ForbiddenOrigin, MisdirectedRequest
 from okta_agent_proxy.settings import Settings, normalize_origin
@@ -45,6 +45,9 @@ SECURITY_HEADERS = tuple(
         "Last-Event-ID",
     )
 )
+# multidict's keys view lists each name once, case-insensitively: `len(keys())` < `len(headers)` tells a repeat.
+# Checked here, so that a multidict that lists every copy only makes the check slower, never wrong.
+_KEYS_ARE_DISTINCT = len(CIMultiDict([("a", "1"), ("A", "2")]).keys()) == 1
 _MEMO_MAX = 1024  # Host values remembered: they come from clients, so the memo is bounded
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -96,12 +99,15 @@ class Edge:
     def check(self, request: web.Request, rules: EdgeRules = MCP_ROUTES) -> None:
         """Raise the edge's refusal for this request, if any (in the order of the module docstring)."""
         headers = request.headers
-        for name in SECURITY_HEADERS:
-            if len(headers.getall(name, ())) > 1:
-                raise BadRequest(f"the {name} header was sent more than once")
-        if request.raw_path.find("?") >= 0 and any(name.lower() == "access_token" for name in request.query):
+        # A header name repeated at all (rare) shows as fewer distinct names than headers: only then look closer.
+        if len(headers) != len(headers.keys()) or not _KEYS_ARE_DISTINCT:
+            for name in SECURITY_HEADERS:
+                if len(headers.getall(name, ())) > 1:
+                    raise BadRequest(f"the {name} header was sent more than once")
+        raw = request.raw_path
+        if "?" in raw and any(name.lower() == "access_token" for name in request.query):
             raise BadRequest("an access token must be sent in the Authorization header, never in the URL")
-        if not request.path.isprintable():
+        if not raw.isprintable() or ("%" in raw and not request.path.isprintable()):
             raise BadRequest("the request path contains control characters")
         host = headers.get("Host", "")
         if not self._host_allowed(host) and not (rules.ip_hosts and is_ip_literal(host)):

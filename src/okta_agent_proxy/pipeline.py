@@ -214,7 +214,8 @@ class Pipeline:
                 track_session(
                     request, response.status, response.headers.get("Mcp-Session-Id"), exchange, self.inbound.sessions
                 )
-            if slot is None and response.headers.get("Content-Type", "").startswith(SSE):
+            is_sse = response.headers.get("Content-Type", "").startswith(SSE)
+            if is_sse and slot is None:
                 slot = self.stream_slots.count(route.name, caller)  # a POST answered as a stream: counted, not cut
             message = exchange.message
             answer_id = message.id if message is not None and message.kind == "request" else None
@@ -226,6 +227,7 @@ class Pipeline:
                 self.settings.base_url + route.prefix,
                 exchange.request_id,
                 exchange.relay,
+                is_sse,
                 answer_id,
             )
         except BackendRejectedCredential as error:

@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from okta_agent_proxy.config import Backend
 from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
 from okta_agent_proxy.mcp.aiohttp_client import stop_read_timeout
-from okta_agent_proxy.mcp.headers import SSE, public_location, relayed_response_headers
+from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
 from okta_agent_proxy.observability.metrics import OPEN_STREAMS
 
@@ -163,11 +163,13 @@ class Forwarder:
         public_prefix: str,
         request_id: str,
         stats: RelayStats,
+        is_sse: bool,
         answer_id: str | int | None = None,
     ) -> web.StreamResponse:
         """Stream the backend's response to the client as it arrives; returns once the client has it all.
-        `public_prefix` is the gateway's URL for this backend route (for `Location`); `answer_id` the JSON-RPC id
-        of the POSTed request, whose response ends what the client is waiting for."""
+        `public_prefix` is the gateway's URL for this backend route (for `Location`); `is_sse` whether the answer is
+        an SSE stream; `answer_id` the JSON-RPC id of the POSTed request, whose response ends what the client is
+        waiting for."""
         if response.status == 401:
             response.close()
             raise BackendRejectedCredential(f"backend {backend_name} rejected the gateway's credential")
@@ -182,7 +184,6 @@ class Forwarder:
                 response.close()
                 raise
         headers["X-Request-ID"] = request_id
-        is_sse = headers.get("Content-Type", "").startswith(SSE)
         if is_sse:
             headers["X-Accel-Buffering"] = "no"
             OPEN_STREAMS.inc()

@@ -51,11 +51,13 @@ _HOP_BY_HOP = frozenset(
 _DROPPED_RESPONSE_HEADERS = _HOP_BY_HOP | {"date", "server", "www-authenticate"}
 # `Connection` options that name no header (RFC 9112 §9.3, §9.6).
 _CONNECTION_OPTIONS = frozenset({"close", "keep-alive"})
+_NONE: frozenset[str] = frozenset()
 SSE = "text/event-stream"
 
 _MEMO_MAX = 1024  # header names remembered below: names come from clients and backends, so the memo is bounded
 _REQUEST_NAMES: dict[str, tuple[str, bool]] = {}  # name as sent → (lower-cased, on the fixed allow-list)
-_RESPONSE_NAMES: dict[str, bool] = {}  # name as sent → passed to the client
+_DROP, _KEEP, _CONNECTION = 0, 1, 2
+_RESPONSE_NAMES: dict[str, int] = {}  # name as sent → what becomes of it on the way to the client
 
 
 def _request_name(name: str) -> tuple[str, bool]:
@@ -66,23 +68,28 @@ def _request_name(name: str) -> tuple[str, bool]:
     return verdict
 
 
-def _response_name(name: str) -> bool:
-    verdict = name.lower() not in _DROPPED_RESPONSE_HEADERS
+def _response_name(name: str) -> int:
+    lower = name.lower()
+    verdict = _CONNECTION if lower == "connection" else _DROP if lower in _DROPPED_RESPONSE_HEADERS else _KEEP
     if len(_RESPONSE_NAMES) < _MEMO_MAX:
         _RESPONSE_NAMES[name] = verdict
     return verdict
 
 
-_NONE: frozenset[str] = frozenset()
-
-
-def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The (lower-cased) header names that `Connection` headers list, besides `close` and `keep-alive`."""
-    values = headers.getall("Connection", ())
-    if not values or (len(values) == 1 and values[0].lower() in _CONNECTION_OPTIONS):
+def connection_named(connection: str | None) -> frozenset[str]:
+    """The (lower-cased) header names a `Connection` header's value lists, besides `close` and `keep-alive`."""
+    if connection is None or connection.lower() in _CONNECTION_OPTIONS:
         return _NONE  # the common case: no header, or just `keep-alive` (nginx, aiohttp) or `close`
-    names = {token.strip().lower() for value in values for token in value.split(",")}
+    names = {token.strip().lower() for token in connection.split(",")}
     return frozenset(names - _CONNECTION_OPTIONS - {""})
+
+
+def _without(headers: list[tuple[str, str]], names: frozenset[str]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in headers if name.lower() not in names] if names else headers
+
+
+def _joined(first: str | None, value: str) -> str:
+    return value if first is None else f"{first}, {value}"
 
 
 def upstream_headers(
@@ -91,13 +98,15 @@ def upstream_headers(
     credential_headers: Mapping[str, str],
     request_id: str,
 ) -> CIMultiDict[str]:
-    hop_by_hop = connection_named(incoming)
     forwarded = []
+    connection = None
     for name, value in incoming.items():
         lower, allowed = _REQUEST_NAMES.get(name) or _request_name(name)
-        if (allowed or lower in extra_allowed) and lower not in hop_by_hop:
+        if allowed or lower in extra_allowed:
             forwarded.append((name, value))
-    headers: CIMultiDict[str] = CIMultiDict(forwarded)
+        elif lower == "connection":
+            connection = _joined(connection, value)
+    headers: CIMultiDict[str] = CIMultiDict(_without(forwarded, connection_named(connection)))
     headers["X-Request-ID"] = request_id
     # The client's Accept-Encoding is not forwarded; ask for identity so bytes relay as they are (no decompression).
     headers["Accept-Encoding"] = "identity"
@@ -106,15 +115,17 @@ def upstream_headers(
 
 
 def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    hop_by_hop = connection_named(upstream)
     relayed = []
+    connection = None
     for name, value in upstream.items():
-        allowed = _RESPONSE_NAMES.get(name)
-        if allowed is None:
-            allowed = _response_name(name)
-        if allowed and (not hop_by_hop or name.lower() not in hop_by_hop):
+        verdict = _RESPONSE_NAMES.get(name)
+        if verdict is None:
+            verdict = _response_name(name)
+        if verdict == _KEEP:
             relayed.append((name, value))
-    return relayed
+        elif verdict == _CONNECTION:
+            connection = _joined(connection, value)
+    return _without(relayed, connection_named(connection))
 
 
 def public_location(location: str, requested: yarl.URL, backend_url: str, public_prefix: str) -> str:
