@@ -7,12 +7,14 @@ nowhere else reaches into aiohttp's server:
    gateway's JSON error body says what happened and quotes nothing.
 2. **Slow and idle clients** (`HEADER_READ_TIMEOUT_SECONDS`, `KEEPALIVE_TIMEOUT_SECONDS`, `MAX_CONNECTIONS`): a new
    connection must deliver its first request's headers within the header timeout, and so must a keep-alive
-   connection once its next request begins to arrive; an idle keep-alive connection lasts the keep-alive timeout
-   (aiohttp's own `keepalive_timeout`). At `MAX_CONNECTIONS` (default 80 % of the open-file limit, leaving
-   descriptors for backends, the database and logs), a new connection is admitted by closing the oldest one that
-   has not sent a whole request, else the longest idle one — as nginx reuses keep-alive connections — so a flood
-   of half-sent requests cannot shut out `/healthz` or a valid client. Only when every connection is busy with a
-   request is the new one closed.
+   connection once its next request begins to arrive; a client that stops taking what the gateway sends it (its
+   transport's buffer stays full) is closed after as long, even mid-request — else it would hold its handler. An
+   idle keep-alive connection lasts the keep-alive timeout (aiohttp's own `keepalive_timeout`). At
+   `MAX_CONNECTIONS` (default 80 % of the open-file limit, leaving descriptors for backends, the database and logs),
+   a new connection is admitted by closing one whose client is not reading, else the oldest one that has not sent a
+   whole request, else the longest idle one — as nginx reuses keep-alive connections — so a flood of half-sent
+   requests or of unread answers cannot shut out `/healthz` or a valid client. Only when every connection is busy
+   with a request is the new one closed.
 
 How: `GatewayRunner` builds aiohttp's server as usual and gives it the `_GatewayServer` class (aiohttp builds the
 server inside `AppRunner._make_server`, a private method, and has no hook for the connection class). The server
@@ -57,18 +59,27 @@ class _Connection(RequestHandler):
     began to arrive after a whole request had come in — what `ConnectionGuard` needs to find a request that is being
     sent too slowly. Nothing is called per request for it: two attribute writes when data comes."""
 
-    __slots__ = ("opened_at", "partial_count", "partial_since")
+    __slots__ = ("opened_at", "partial_count", "partial_since", "stalled_since")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.opened_at = 0.0
         self.partial_since: float | None = None  # -1: data came, the guard's next sweep stamps the time
         self.partial_count = 0  # requests parsed on this connection when that data came
+        self.stalled_since: float | None = None  # -1: the client stopped taking our bytes, not yet stamped
 
     def data_received(self, data: bytes) -> None:
         if self.partial_since is None or self.partial_count != self._request_count:
             self.partial_since, self.partial_count = -1.0, self._request_count
         super().data_received(data)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # the transport's buffer is full: the client is not taking what we send
+        self.stalled_since = -1.0
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stalled_since = None
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -131,7 +142,12 @@ class ConnectionGuard:
     def _evict_one(self, newcomer: _Connection) -> bool:
         waiting = idle = None
         for connection in self._connections:
-            if connection is newcomer or connection.busy:
+            if connection is newcomer:
+                continue
+            if connection.stalled_since is not None:  # its client is not reading: the first to go
+                self._abort(connection, "evicted")
+                return True
+            if connection.busy:
                 continue
             if connection.requests_parsed == 0:
                 if waiting is None or connection.opened_at < waiting.opened_at:
@@ -156,6 +172,13 @@ class ConnectionGuard:
         deadline = now - self._limits.header_read_timeout
         slow = []
         for connection in self._connections:
+            stalled = connection.stalled_since
+            if stalled is not None:  # busy or not: a client that stops reading holds its handler
+                if stalled < 0:
+                    connection.stalled_since = now
+                elif stalled <= deadline:
+                    slow.append(connection)
+                    continue
             if connection.busy:
                 continue
             parsed = connection.requests_parsed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -206,3 +207,40 @@ async def test_a_body_that_stops_arriving_gets_408_and_one_that_keeps_coming_is_
                     answer = await reader.readuntil(b"\r\n\r\n")
                 assert answer.startswith(b"HTTP/1.1 200")
             assert [record.body for record in backend.requests] == [CALL]
+
+
+async def test_clients_that_stop_reading_their_answers_cannot_hold_every_connection() -> None:
+    """Requests pipelined without ever reading the answers: once the socket buffers are full the handler waits on
+    the client. Such a connection is closed after the header timeout, busy or not, so /healthz still answers."""
+    async with running_backend() as backend:
+        config = gateway_config(echo=psk_backend(backend.url("/mcp"), "/echo"))
+        settings = _settings(MAX_CONNECTIONS=4, HEADER_READ_TIMEOUT_SECONDS=1, KEEPALIVE_TIMEOUT_SECONDS=60)
+        async with running_gateway(config, settings=settings) as gateway:
+            loop = asyncio.get_running_loop()
+            request = f"GET /metrics HTTP/1.1\r\nHost: {LOOPBACK}:{gateway.port}\r\n\r\n".encode()
+
+            async def never_reads() -> None:
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (LOOPBACK, gateway.port))
+                    with contextlib.suppress(OSError):
+                        for _ in range(2000):  # bounded: the gateway closes the connection long before
+                            await loop.sock_sendall(sock, request * 50)
+
+            attackers = [asyncio.ensure_future(never_reads()) for _ in range(4)]
+            try:
+                await asyncio.sleep(1.0)  # every connection slot is taken by a client that does not read
+                deadline = time.monotonic() + 6.0
+                while True:
+                    with contextlib.suppress(OSError):
+                        answer = await raw_request(gateway.port, f"GET /healthz HTTP/1.1\nHost: {LOOPBACK}", timeout=2)
+                        if answer.status == 200:
+                            break
+                    assert time.monotonic() < deadline, "/healthz never answered while clients did not read"
+                    await asyncio.sleep(0.2)
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*attackers)  # each ended: the gateway closed its connection
+            finally:
+                for attacker in attackers:
+                    attacker.cancel()

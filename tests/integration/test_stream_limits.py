@@ -204,3 +204,39 @@ async def test_a_post_answered_as_a_stream_counts_but_is_never_refused() -> None
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         opened.close()
+
+
+async def test_timeout_seconds_bounds_the_whole_wait_for_headers_even_when_they_trickle() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def trickling_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20):  # one header byte every 0.3 s: never a gap of timeout_seconds
+                await asyncio.sleep(0.3)
+                writer.write(b"a")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(trickling_backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            running_gateway(
+                {"backends": {"trickle": psk_backend(f"http://127.0.0.1:{port}/mcp", "/trickle", timeout_seconds=1)}}
+            ) as gateway,
+            aiohttp.ClientSession() as http,
+        ):
+            started = time.monotonic()
+            async with asyncio.timeout(BOUND), http.post(gateway.url("/trickle"), data=LIST) as response:
+                assert (response.status, (await response.json())["error"]) == (504, "backend_timeout")
+            assert time.monotonic() - started < 2.0
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

@@ -186,3 +186,27 @@ def test_property_invalid_utf8_is_malformed(tail: bytes) -> None:
 def test_property_any_bytes_parse_or_raise_malformed_json(body: bytes) -> None:
     with contextlib.suppress(MalformedJson):
         parse_message(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","\\u006dethod":"tools/list"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"x":1,"x":2}}}',
+        '{"jsonrpc":"2.0","id":1,"method":"a","method":"b"}'.encode("utf-16"),
+    ],
+    ids=["method", "escaped-method", "tool-name", "argument", "utf-16"],
+)
+def test_a_repeated_key_is_refused(body: bytes) -> None:
+    # Parsers disagree on which copy wins: the gateway could authorise one method and the backend run another.
+    with pytest.raises(BadRequest) as refused:
+        parse_message(body)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
+
+
+def test_a_key_name_repeated_at_different_levels_is_fine() -> None:
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"n","arguments":{"name":"\\u00e9","id":2}}}'
+    message = parse_message(body)
+    assert (message.method, message.name, message.arguments) == ("tools/call", "n", {"name": "é", "id": 2})

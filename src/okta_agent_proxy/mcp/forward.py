@@ -8,10 +8,11 @@ buffered — and SSE responses carry `X-Accel-Buffering: no` for any buffering p
 Capacity and time (DESIGN.md §9, "Timeouts and streams"):
 - Each backend has two connection pools: one for request/response calls (POST, DELETE) and one for GET streams, so
   streams — idle by design, and held as long as a client likes — can never take the connections calls need.
-- No request waits for a pooled connection (see `UpstreamPool`); `timeout_seconds` bounds the connect and the wait
-  for the response headers, for every method (504 `backend_timeout`). After the headers, each gap in the body is
-  bounded: by `timeout_seconds` for a JSON answer, by `stream_idle_timeout_seconds` for an SSE stream. The gap also
-  covers handing each chunk to the client, so a client that stops reading cannot hold a stream open either.
+- No request waits for a pooled connection (see `UpstreamPool`); `timeout_seconds` bounds name lookup, connect,
+  send and the wait for the response headers together, for every method (504 `backend_timeout`). After the headers,
+  each gap in the body is bounded: by `timeout_seconds` for a JSON answer, by `stream_idle_timeout_seconds` for an
+  SSE stream. The gap also covers handing each chunk to the client, so a client that stops reading cannot hold a
+  stream open either.
 - A client that goes away cancels the handler, which closes the upstream connection: the backend sees it too.
 
 Whether the client got the answer (`RelayStats.delivered`) matters when it hangs up at the very end: a client that
@@ -33,7 +34,6 @@ from multidict import CIMultiDict
 
 from okta_agent_proxy.config import Backend
 from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
-from okta_agent_proxy.mcp.aiohttp_client import stop_read_timeout
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
 from okta_agent_proxy.observability.metrics import OPEN_STREAMS
@@ -48,18 +48,14 @@ class UpstreamPool:
     No request ever waits for a pooled connection: a request in flight holds one client connection, and the calls
     pool may hold as many connections as the gateway admits clients (`call_connections`, `MAX_CONNECTIONS`), so a wait
     would need more calls in flight than connections. GET streams, bounded by the stream caps instead, have a pool of
-    their own without a limit. So `timeout_seconds` needs to bound only the connect and the wait for headers."""
+    their own without a limit. So `timeout_seconds` needs to bound only what comes after: the connect and the wait
+    for the headers."""
 
     def __init__(self, backends: Mapping[str, Backend], *, call_connections: int) -> None:
         self._names = tuple(backends)
         self._call_connections = call_connections
         self._calls: dict[str, aiohttp.ClientSession] = {}
         self._streams: dict[str, aiohttp.ClientSession] = {}
-        # Per backend, built once: the connect and each read (the wait for headers, first of all), bounded.
-        self.timeouts = {
-            name: aiohttp.ClientTimeout(total=None, sock_connect=b.timeout_seconds, sock_read=b.timeout_seconds)
-            for name, b in backends.items()
-        }
 
     async def start(self) -> None:
         for name in self._names:
@@ -138,21 +134,33 @@ class Forwarder:
         taken as encoded: the path and query go upstream byte for byte, as the client sent them."""
         session = self._pool.session(backend_name, method)
         target = yarl.URL(url, encoded=True) if isinstance(url, str) else url
+        # One timer for name lookup, connect, send and the wait for the headers together: at its end the task is
+        # cancelled, and that cancellation (only that one) becomes a 504. `asyncio.timeout` does the same with
+        # several µs of bookkeeping per request; aiohttp's own timeouts bound each phase or each gap, not the sum.
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(backend.timeout_seconds, expire)
         try:
             return await session.request(
-                method,
-                target,
-                headers=headers,
-                data=body if method != "GET" else None,
-                timeout=self._pool.timeouts[backend_name],  # the connect, and the wait for the headers
-                allow_redirects=False,
+                method, target, headers=headers, data=body if method != "GET" else None, allow_redirects=False
             )
-        except TimeoutError as exc:
-            _drop_tracebacks(exc)
-            raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
+        except asyncio.CancelledError as exc:
+            if expired and task.uncancel() == 0:  # our timer, and nobody else cancelled the request
+                _drop_tracebacks(exc)
+                raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
+            raise
         except aiohttp.ClientError as exc:
             _drop_tracebacks(exc)
             raise BackendUnavailable(f"backend {backend_name} is unreachable") from None
+        finally:
+            timer.cancel()
 
     async def relay(
         self,
@@ -199,11 +207,9 @@ class Forwarder:
                 stats.bytes_out += len(tail)
             elif is_sse:
                 # A GET stream has no answer the client waits for: one it closes stays a 499 (it ended the stream).
-                stop_read_timeout(response)  # the gaps are `_copy`'s to bound now
                 watch = SseEvents() if answer_id is not None else None
                 await _copy(content, out, backend.stream_idle_timeout_seconds, stats, watch, answer_id)
             else:
-                stop_read_timeout(response)
                 await _copy(content, out, backend.timeout_seconds, stats, None, None, response.content_length)
         except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)

@@ -5,7 +5,8 @@ as the 2026-07-28 transport asks of intermediaries that authorise. It forwards t
 parsed view only feeds policy and the audit log. Anything valid JSON is forwarded — judging JSON-RPC validity is
 the backend's job — but a body that is not JSON gets the JSON-RPC parse error here (JSON-RPC 2.0 §5.1), and a
 JSON-RPC batch (an array; removed from MCP in 2025-06-18) gets 400 `bad_request`: a batch would carry calls past
-the per-method rules, which judge one message.
+the per-method rules, which judge one message — and so does an object with a repeated key anywhere in the body,
+which parsers read differently.
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ class McpMessage:
     arguments: Any = None
 
 
-_decode = json.JSONDecoder().decode  # what json.loads(str) ends up calling
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Each JSON object, refused if it names a key twice: parsers disagree on which copy wins (Python's keeps the last,
+    some keep the first), so the gateway could authorise one method while the backend runs another (I-JSON, RFC 7493
+    §2.3, forbids repeated names). Checking as the objects are built costs less than any pre-scan of the bytes."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise BadRequest("a JSON object in the request has the same key twice")
+    return document
+
+
+_decode = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
 
 
 def _load(body: bytes) -> Any:
@@ -39,7 +50,7 @@ def _load(body: bytes) -> Any:
         return _decode(body.decode("utf-8"))  # the common case, without json's encoding detection
     except (ValueError, RecursionError):
         # A BOM, UTF-16 or UTF-32 (RFC 8259 §8.1 lets parsers accept them), or not JSON at all.
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_unique_keys)
 
 
 def parse_message(body: bytes) -> McpMessage:

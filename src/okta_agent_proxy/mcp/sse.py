@@ -19,25 +19,28 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 class SseEvents:
     def __init__(self, *, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._pending = b""  # an incomplete line
+        self._buffer = bytearray()  # bytes after the last complete line
         self._data: list[bytes] = []  # data lines of the event being read
         self._size = 0
         self._max = max_event_bytes
         self._overflow = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """The `data` of every event that `chunk` completes, in order."""
-        text = self._pending + chunk
+        """The `data` of every event that `chunk` completes, in order. Only the new bytes are searched for line
+        ends, and only complete lines are copied out: the work is linear in what passes, however it is chunked."""
+        buffer = self._buffer
+        scan_from = max(len(buffer) - 1, 0)  # a CR kept at the end may be the first half of a CR LF
+        buffer += chunk
         events: list[bytes] = []
         start = 0
-        for match in _LINE.finditer(text):
-            if match.group() == b"\r" and match.end() == len(text):
+        for match in _LINE.finditer(buffer, scan_from):
+            if match.group() == b"\r" and match.end() == len(buffer):
                 break  # maybe half of a CR LF: decide with the next chunk
-            self._line(text[start : match.start()], events)
+            self._line(bytes(buffer[start : match.start()]), events)
             start = match.end()
-        self._pending = text[start:]
-        if len(self._pending) > self._max:
-            self._pending = b""
+        del buffer[:start]
+        if len(buffer) > self._max:
+            buffer.clear()  # a line this long is no event we watch: let it pass
             self._overflow = True
         return events
 
