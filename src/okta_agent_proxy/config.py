@@ -179,8 +179,8 @@ class BackendCommon(Strict):
         gt=0,
         le=3600,
         description=(
-            "Longest wait to connect, for the response headers (POST, GET, DELETE) and for each next byte of a "
-            "JSON answer; over → 504."
+            "Longest wait for name lookup, connect and the response headers together (POST, GET, DELETE), and "
+            "for each next byte of a JSON answer; over → 504."
         ),
     )
     stream_idle_timeout_seconds: float = Field(
