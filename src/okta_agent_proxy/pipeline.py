@@ -337,7 +337,7 @@ def add_challenge(error: GatewayError, base_url: str, path: str) -> None:
         )
 
 
-_OUTCOMES: dict[int, Outcome] = {}  # one per status a backend answered (statuses are bounded: 100-599)
+_OUTCOMES: dict[int, Outcome] = {}  # one per status a backend answered (three digits: bounded)
 
 
 def _upstream_outcome(status: int) -> Outcome:

@@ -123,10 +123,6 @@ class ConnectionGuard:
         self._connections: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._connections)
-
     def opened(self, connection: _Connection) -> None:
         connection.opened_at = self._loop.time()
         self._connections.add(connection)

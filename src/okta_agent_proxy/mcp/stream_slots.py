@@ -59,9 +59,6 @@ class StreamSlots:
             self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         return StreamSlot(self, backend, caller)
 
-    def open_streams(self, backend: str, caller: Caller | None = None) -> int:
-        return self._by_caller.get(caller, 0) if caller is not None else self._by_backend.get(backend, 0)
-
     def _release(self, backend: str, caller: Caller | None) -> None:
         _decrement(self._by_backend, backend)
         if caller is not None:
