@@ -15,17 +15,17 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
+from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.errors import GatewayError, NotFound
 from okta_agent_proxy.gateway import Gateway
+from okta_agent_proxy.http.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
+from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
 from okta_agent_proxy.observability.metrics import AUDIT_DROPPED, AUDIT_QUEUE_DEPTH
 from okta_agent_proxy.observability.metrics import render as render_metrics
 from okta_agent_proxy.pipeline import error_response
 from okta_agent_proxy.reload import ConfigReloader
-from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.config_store import save_config
 from okta_agent_proxy.store.db import Store, migrate, open_store

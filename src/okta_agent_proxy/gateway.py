@@ -20,15 +20,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from okta_agent_proxy.config import (
+from okta_agent_proxy.config.loader import LoadedConfig
+from okta_agent_proxy.config.models import (
     Backend,
     CrossAppBackend,
     GatewayConfig,
     PreSharedKeyBackend,
     ServiceAccountBackend,
 )
-from okta_agent_proxy.config_loader import LoadedConfig
-from okta_agent_proxy.edge import Edge
+from okta_agent_proxy.http.edge import Edge
 from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.jwks import JwksCache
 from okta_agent_proxy.inbound.validator import OktaTokenValidator

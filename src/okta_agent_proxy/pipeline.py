@@ -18,8 +18,8 @@ from urllib.parse import quote
 import yarl
 from aiohttp import web
 
-from okta_agent_proxy.config import CrossAppBackend, StreamLimits
-from okta_agent_proxy.edge import Edge, request_id
+from okta_agent_proxy.config.models import CrossAppBackend, StreamLimits
+from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
@@ -33,6 +33,8 @@ from okta_agent_proxy.errors import (
     Unauthenticated,
 )
 from okta_agent_proxy.exchange import Exchange
+from okta_agent_proxy.http.edge import Edge, request_id
+from okta_agent_proxy.http.request_body import read_body
 from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
 from okta_agent_proxy.inbound.validator import OktaTokenValidator
@@ -46,9 +48,7 @@ from okta_agent_proxy.observability.recorder import CLIENT_CLOSED, Outcome, Requ
 from okta_agent_proxy.outbound.base import CredentialProvider, CredentialRequest
 from okta_agent_proxy.outbound.static import StaticProvider
 from okta_agent_proxy.policy.authz import authorize
-from okta_agent_proxy.request_body import read_body
 from okta_agent_proxy.routing import BackendRouter, Route
-from okta_agent_proxy.settings import Settings
 
 log = get_logger(__name__)
 FORWARDED_METHODS = frozenset({"POST", "GET", "DELETE"})

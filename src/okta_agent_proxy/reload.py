@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from okta_agent_proxy.config import GatewayConfig
-from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.gateway import Gateway, replica_id
 from okta_agent_proxy.keys import SigningKey
 from okta_agent_proxy.observability.logging import get_logger

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from okta_agent_proxy.config import Backend, GatewayConfig
+from okta_agent_proxy.config.models import Backend, GatewayConfig
 
 
 @dataclass(frozen=True, slots=True)

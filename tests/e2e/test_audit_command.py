@@ -26,8 +26,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from okta_agent_proxy.config import AuditConfig
-from okta_agent_proxy.settings import Settings
+from okta_agent_proxy.config.models import AuditConfig
+from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.store.db import Store, StoreFileMissingError, migrate, open_store
 from okta_agent_proxy.store.events import AuditEvent
 from tests.support.processes import free_port

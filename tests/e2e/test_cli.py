@@ -21,8 +21,8 @@ import yaml
 from dotenv import dotenv_values
 
 import okta_agent_proxy
-from okta_agent_proxy.config_loader import resolve_references
-from okta_agent_proxy.settings import Settings
+from okta_agent_proxy.config.loader import resolve_references
+from okta_agent_proxy.config.settings import Settings
 from tests.support.processes import free_port
 from tests.unit.helpers import SEED_CONFIG, seed_with_generated_keys
 

@@ -19,11 +19,11 @@ import pytest
 import yaml
 from aiohttp import web
 
+from okta_agent_proxy.commands.doctor import fail, ok
+from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
-from okta_agent_proxy.doctor import fail, ok
 from okta_agent_proxy.keys import generate_rsa_key, load_signing_key, private_pem
-from okta_agent_proxy.settings import Settings
 from tests.support.backends import BACKEND_SESSION_ID, RecordingBackend, running_backend
 from tests.support.processes import free_port
 
@@ -31,7 +31,9 @@ GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AGENT = "wlp_cursor_agent"
 PSK = "psk-Value-that-must-never-print-7f3e"
 TIMEOUT = 60.0  # the whole doctor run; each of its requests is bounded by --timeout 3
-RUN_DOCTOR = "from okta_agent_proxy.doctor import doctor_command; doctor_command(prog_name='okta-agent-proxy doctor')"
+RUN_DOCTOR = (
+    "from okta_agent_proxy.commands.doctor import doctor_command; doctor_command(prog_name='okta-agent-proxy doctor')"
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
-from okta_agent_proxy.keys_command import PUBLIC_JWK_HEADER, keys_group
+from okta_agent_proxy.commands.keys import PUBLIC_JWK_HEADER, keys_group
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
 
 
 def generate(*args: str) -> tuple[dict[str, Any], dict[str, Any], str]:

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from okta_agent_proxy.config import AuditConfig, GatewayConfig
+from okta_agent_proxy.config.models import AuditConfig, GatewayConfig
 from okta_agent_proxy.store import audit_inserts
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.audit_rows import RowEncoder

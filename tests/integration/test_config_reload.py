@@ -24,7 +24,7 @@ import yaml
 from aiohttp import web
 
 from okta_agent_proxy.app import GATEWAY, build_app
-from okta_agent_proxy.config_loader import LoadedConfig, load
+from okta_agent_proxy.config.loader import LoadedConfig, load
 from okta_agent_proxy.gateway import Gateway
 from okta_agent_proxy.reload import ConfigReloader
 from tests.support.backends import RecordingBackend, running_backend

@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from okta_agent_proxy.config import AuditConfig
+from okta_agent_proxy.config.models import AuditConfig
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.db import open_store
 from okta_agent_proxy.store.events import AuditEvent

@@ -38,8 +38,8 @@ import yaml
 from aiohttp import web
 
 from okta_agent_proxy.app import build_app
-from okta_agent_proxy.config_loader import LoadedConfig, load
-from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
+from okta_agent_proxy.config.loader import LoadedConfig, load
+from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
 
 from .processes import LOOPBACK, ServerProcess, start_server
 

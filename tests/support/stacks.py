@@ -47,10 +47,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from okta_agent_proxy.app import GATEWAY, build_app
-from okta_agent_proxy.config_loader import LoadedConfig
+from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
-from okta_agent_proxy.server import ConnectionLimits, GatewayRunner
+from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
 from okta_agent_proxy.store.db import Store, async_database_url, display_url, migrate, open_store
 from okta_agent_proxy.store.models import audit_events

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from okta_agent_proxy.settings import Settings
+from okta_agent_proxy.config.settings import Settings
 
 TEST_ISSUER = "https://example.okta.com/oauth2/aus-test"
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, Problem, load
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, Problem, load
 
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "data" / "seed_config.yaml"
 

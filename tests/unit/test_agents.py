@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from okta_agent_proxy.config import Agent
+from okta_agent_proxy.config.models import Agent
 from okta_agent_proxy.errors import AuthorizationDenied
 from okta_agent_proxy.inbound.agents import AgentDirectory
 from okta_agent_proxy.inbound.validator import Principal

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from okta_agent_proxy.config import Agent, PreSharedKeyBackend
+from okta_agent_proxy.config.models import Agent, PreSharedKeyBackend
 from okta_agent_proxy.errors import AuthorizationDenied, InsufficientScope
 from okta_agent_proxy.policy.authz import authorize, required_scopes
 

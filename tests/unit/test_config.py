@@ -1,4 +1,4 @@
-"""config.yaml → GatewayConfig (okta_agent_proxy.config, config_loader): every problem names its YAML path.
+"""config.yaml → GatewayConfig (okta_agent_proxy.config.models, config.loader): every problem names its YAML path.
 
 The assertions are on paths and severities, never on wording. A base configuration that loads cleanly is mutated
 one way per case; each case lists exactly the error paths it must produce (so knock-on noise is caught too).
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from okta_agent_proxy.config import CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend, config_schema
-from okta_agent_proxy.config_loader import ConfigError, Problem, format_loc, load
+from okta_agent_proxy.config.loader import ConfigError, Problem, format_loc, load
+from okta_agent_proxy.config.models import CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend, config_schema
 from tests.unit.helpers import (
     RFC7517_EC,
     SEED_CONFIG,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from okta_agent_proxy.config import AuditConfig, BackendCommon, CrossAppAuth
-from okta_agent_proxy.config_reference import reference_markdown
-from okta_agent_proxy.settings import Settings
+from okta_agent_proxy.config.models import AuditConfig, BackendCommon, CrossAppAuth
+from okta_agent_proxy.config.reference import reference_markdown
+from okta_agent_proxy.config.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from okta_agent_proxy.config import Agent
+from okta_agent_proxy.config.models import Agent
 from okta_agent_proxy.keys import InvalidKeyError, SigningKey, load_signing_key, thumbprint
 from tests.unit.helpers import (
     RFC7517_EC,

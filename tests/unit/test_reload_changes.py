@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from okta_agent_proxy.config import GatewayConfig
+from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.reload import changed_names
 from tests.unit.helpers import ec_key, load_config, pem, private_jwk, rsa_key, write_yaml
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from okta_agent_proxy.config import GatewayConfig
+from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.routing import BackendRouter
 
 

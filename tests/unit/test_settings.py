@@ -1,4 +1,4 @@
-"""Settings (okta_agent_proxy.settings): `.env` is read, the real environment wins, derived values are right."""
+"""Settings (okta_agent_proxy.config.settings): `.env` is read, the real environment wins, derived values are right."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from okta_agent_proxy.config_loader import ConfigError, load, load_settings
-from okta_agent_proxy.settings import Settings, is_loopback_host
+from okta_agent_proxy.config.loader import ConfigError, load, load_settings
+from okta_agent_proxy.config.settings import Settings, is_loopback_host
 from tests.unit.helpers import problems_of, write_yaml
 
 

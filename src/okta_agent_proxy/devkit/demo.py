@@ -24,7 +24,7 @@ from pathlib import Path
 
 from okta_agent_proxy import keys
 from okta_agent_proxy.app import run_until_stopped
-from okta_agent_proxy.config_loader import ConfigError, load
+from okta_agent_proxy.config.loader import ConfigError, load
 from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
 from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
 

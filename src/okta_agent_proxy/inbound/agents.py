@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from okta_agent_proxy.config import Agent
+from okta_agent_proxy.config.models import Agent
 from okta_agent_proxy.errors import AuthorizationDenied
 from okta_agent_proxy.inbound.validator import Principal
 from okta_agent_proxy.observability.logging import get_logger

@@ -32,7 +32,7 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from okta_agent_proxy.config import Backend
+from okta_agent_proxy.config.models import Backend
 from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to

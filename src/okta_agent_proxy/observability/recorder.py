@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from okta_agent_proxy.config import AuditConfig
+from okta_agent_proxy.config.models import AuditConfig
 from okta_agent_proxy.exchange import Exchange
 from okta_agent_proxy.observability.logging import RequestLine, get_logger
 from okta_agent_proxy.observability.metrics import REQUEST_SECONDS, REQUESTS, TOKEN_EXCHANGES, UPSTREAM_SECONDS

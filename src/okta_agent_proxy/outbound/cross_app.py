@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import jwt
 
-from okta_agent_proxy.config import Agent, CrossAppBackend
+from okta_agent_proxy.config.models import Agent, CrossAppBackend
 from okta_agent_proxy.errors import (
     CredentialUnavailable,
     GatewayError,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 
-from okta_agent_proxy.config import PreSharedKeyAuth, ServiceAccountAuth
+from okta_agent_proxy.config.models import PreSharedKeyAuth, ServiceAccountAuth
 from okta_agent_proxy.errors import CredentialUnavailable
 from okta_agent_proxy.outbound.base import Credential, CredentialRequest
 

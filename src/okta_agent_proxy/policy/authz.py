@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from okta_agent_proxy.config import Agent, Backend
+from okta_agent_proxy.config.models import Agent, Backend
 from okta_agent_proxy.errors import AuthorizationDenied, InsufficientScope
 
 

@@ -36,7 +36,7 @@ from typing import Any, TypedDict
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from okta_agent_proxy.config import AuditConfig
+from okta_agent_proxy.config.models import AuditConfig
 from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.store.audit_inserts import EngineInserter, Inserter, RowsRefused, Statements
 from okta_agent_proxy.store.audit_rows import RowEncoder

@@ -24,7 +24,7 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from okta_agent_proxy.config import GatewayConfig
+from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.keys import SigningKey
 from okta_agent_proxy.store.db import write_transaction
 from okta_agent_proxy.store.models import agents, backends, config_history

@@ -39,7 +39,7 @@ from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, tex
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from okta_agent_proxy.config import AuditConfig
+from okta_agent_proxy.config.models import AuditConfig
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
 from okta_agent_proxy.store.audit_inserts import ThreadInserter
 from okta_agent_proxy.store.migrations import upgrade

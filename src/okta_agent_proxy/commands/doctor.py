@@ -28,8 +28,8 @@ import aiohttp
 import click
 
 from okta_agent_proxy import __version__
-from okta_agent_proxy.config import Agent, Backend, CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend
-from okta_agent_proxy.config_loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
+from okta_agent_proxy.config.models import Agent, Backend, CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend
 from okta_agent_proxy.inbound.jwks import JwksFetchError, fetch_json, parse_jwks
 from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.discovery import AuthorizationServerInfo, AuthServerDiscovery

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import click
 from sqlalchemy.exc import DBAPIError
 
-from okta_agent_proxy.config_loader import load_settings
+from okta_agent_proxy.config.loader import load_settings
 from okta_agent_proxy.store.db import (
     StoreConfigError,
     StoreFileMissingError,
@@ -117,7 +117,7 @@ def audit_command(
     The database is opened read-only (a missing SQLite file is not created). When it cannot be read, one `error:`
     line on stderr and exit code 2.
     """
-    from okta_agent_proxy.cli import run_loop
+    from okta_agent_proxy.commands.options import run_loop
 
     settings = load_settings(env_file)
     since_time = parse_since(since) if since else None

@@ -36,9 +36,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import UnreadableRequest
 from okta_agent_proxy.observability.metrics import CONNECTIONS_CLOSED, UNREADABLE_REQUESTS
-from okta_agent_proxy.settings import Settings
 
 SWEEP_SECONDS = 0.5  # how often slow connections are looked for: the timeouts are this much late at most
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict, istr
 
+from okta_agent_proxy.config.settings import Settings, normalize_origin
 from okta_agent_proxy.errors import BadRequest, ForbiddenOrigin, MisdirectedRequest
-from okta_agent_proxy.settings import Settings, normalize_origin
 
 # DESIGN.md §2: the headers whose every copy must agree — so the gateway accepts exactly one.
 SECURITY_HEADERS = tuple(

@@ -25,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from okta_agent_proxy.config.settings import is_loopback_host
 from okta_agent_proxy.keys import InvalidKeyError, SigningKey, load_signing_key
-from okta_agent_proxy.settings import is_loopback_host
 
 AUTH_METHODS = ("okta-cross-app", "pre-shared-key", "service-account")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from okta_agent_proxy.config import (
+from okta_agent_proxy.config.models import (
     Agent,
     AuditConfig,
     BackendCommon,
@@ -20,7 +20,7 @@ from okta_agent_proxy.config import (
     ServiceAccountAuth,
     StreamLimits,
 )
-from okta_agent_proxy.settings import Settings
+from okta_agent_proxy.config.settings import Settings
 
 SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("backends.<name>", BackendCommon),

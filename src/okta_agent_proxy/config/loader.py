@@ -26,8 +26,8 @@ import yaml
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from okta_agent_proxy.config import AUTH_METHODS, CrossAppBackend, GatewayConfig
-from okta_agent_proxy.settings import Settings, is_loopback_host
+from okta_agent_proxy.config.models import AUTH_METHODS, CrossAppBackend, GatewayConfig
+from okta_agent_proxy.config.settings import Settings, is_loopback_host
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_KEYS = frozenset({"key", "password", "target_client_secret", "private_key"})

@@ -1,0 +1,96 @@
+"""`serve`: run the gateway, in one process or as `--workers N` processes sharing one port."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from typing import Any
+
+import click
+
+from okta_agent_proxy.commands.options import EXIT_CONFIG, config_option, env_file_option, load_or_exit, run_loop
+from okta_agent_proxy.config.settings import is_loopback_host
+from okta_agent_proxy.observability.log_stream import write_all_waiting
+from okta_agent_proxy.observability.logging import configure
+
+
+def _serve_one(
+    config: str | None, env_file: str | None, host: str, port: int, reuse_port: bool, migrate_store: bool
+) -> None:
+    from okta_agent_proxy.app import run_until_stopped
+
+    loaded = load_or_exit(config, env_file)
+    configure(loaded.settings.LOG_LEVEL, loaded.settings.LOG_FORMAT)
+    try:
+        run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port, migrate_store=migrate_store))
+    finally:
+        write_all_waiting()  # a --workers process ends without atexit handlers
+
+
+def _serve_workers(
+    config: str | None, env_file: str | None, host: str, port: int, workers: int, migrate_store: bool
+) -> None:
+    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. Migrations run
+    once, here, before they start; metrics are aggregated across them through a shared directory."""
+    from okta_agent_proxy.store.db import migrate
+
+    if migrate_store:
+        loaded = load_or_exit(config, env_file)
+        run_loop(migrate(loaded.settings.DATABASE_URL))
+    metrics_dir = tempfile.mkdtemp(prefix="okta-agent-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_serve_one, args=(config, env_file, host, port, True, False), name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def stop(signum: int, _: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    exit_codes = []
+    for process in processes:
+        process.join()
+        exit_codes.append(process.exitcode or 0)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    raise SystemExit(max(exit_codes))
+
+
+@click.command()
+@config_option
+@env_file_option
+@click.option("--host", default=None, help="Bind address (default: $GATEWAY_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default: $GATEWAY_PORT).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Processes on one port.")
+@click.option(
+    "--migrate/--no-migrate",
+    default=True,
+    show_default=True,
+    help="Upgrade the database schema at start (serialised across replicas).",
+)
+def serve(config: str | None, env_file: str, host: str | None, port: int | None, workers: int, migrate: bool) -> None:
+    """Run the gateway."""
+    loaded = load_or_exit(config, env_file)
+    host = host or loaded.settings.GATEWAY_HOST
+    port = loaded.settings.GATEWAY_PORT if port is None else port
+    if not loaded.settings.OKTA_ISSUER and not is_loopback_host(host):
+        # Without an issuer no caller is authenticated, and every caller would reach the backends with the
+        # gateway's credentials. Refuse to expose that beyond this machine.
+        click.echo(
+            f"error: refusing to listen on {host} without OKTA_ISSUER: unauthenticated mode serves loopback only",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    if workers == 1:
+        _serve_one(config, env_file, host, port, False, migrate)
+    else:
+        _serve_workers(config, env_file, host, port, workers, migrate)

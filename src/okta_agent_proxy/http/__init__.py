@@ -1,0 +1,1 @@
+"""The HTTP server seam: the aiohttp binding, the edge checks, request bodies."""
