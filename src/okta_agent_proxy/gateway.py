@@ -10,7 +10,6 @@ ends — so a reload drops nothing in flight. A config that does not load is ref
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import socket
 from collections.abc import Coroutine
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.config.models import (
@@ -29,48 +27,31 @@ from okta_agent_proxy.config.models import (
     ServiceAccountBackend,
 )
 from okta_agent_proxy.http.edge import Edge
+from okta_agent_proxy.http.interface import Answer, HttpRequest
 from okta_agent_proxy.inbound.agents import AgentDirectory
+from okta_agent_proxy.inbound.caller import Identity
 from okta_agent_proxy.inbound.jwks import JwksCache
 from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
 from okta_agent_proxy.mcp.sessions import SessionBindings
 from okta_agent_proxy.mcp.stream_slots import StreamSlots
+from okta_agent_proxy.observability.audit_log import AuditObserver, AuditSink
 from okta_agent_proxy.observability.logging import get_logger
-from okta_agent_proxy.observability.recorder import AuditSink, RequestRecorder
+from okta_agent_proxy.observability.metrics import JWKS_REFRESHES
+from okta_agent_proxy.observability.request_log import RequestLogObserver
+from okta_agent_proxy.observability.request_metrics import MetricsObserver
 from okta_agent_proxy.outbound import static
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.outbound.cache import CachingProvider
 from okta_agent_proxy.outbound.cross_app import CrossAppProvider
 from okta_agent_proxy.outbound.discovery import AuthServerDiscovery
 from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
-from okta_agent_proxy.pipeline import InboundIdentity, Pipeline
-from okta_agent_proxy.routing import BackendRouter
+from okta_agent_proxy.pipeline import Pipeline, Upstream
+from okta_agent_proxy.policy.authz import Decisions
+from okta_agent_proxy.record import Observer, Observers
+from okta_agent_proxy.routing import BackendRouter, RouteTable
 
 log = get_logger(__name__)
-
-
-_frozen = False
-# The young generation's size (objects allocated and still alive) that triggers a collection. CPython's default,
-# 700, is reached every few ms under load by what requests in flight and audit events waiting for their batch hold
-# for a moment: collections that found little garbage, 3-8 µs of CPU per request. At 10 000, only lasting growth
-# (or cyclic garbage, bounded to that many objects) starts one. Requests leave no cycles, failed ones included
-# (tests/integration/test_memory.py): a cycle through a request would hold its body until a collection.
-GC_YOUNG_THRESHOLD = 10_000
-
-
-def _freeze_long_lived() -> None:
-    """Take what is alive now — modules, settings, config, the first generation — out of the cyclic collector's
-    view, once per process. A serving process keeps these to the end, and the steady flow of per-request objects
-    triggers full collections that would otherwise re-scan all of them each time: pauses of tens of ms (the p99)
-    and several % of the CPU under load. Collected first, so no garbage is kept; objects made later (requests,
-    later generations) are collected as usual, once `GC_YOUNG_THRESHOLD` of them are alive."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.collect()
-        gc.freeze()
-        _, older, oldest = gc.get_threshold()
-        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def _warm_jwks(validator: OktaTokenValidator) -> None:
@@ -104,7 +85,12 @@ def build_validator(loaded: LoadedConfig, idp_session: aiohttp.ClientSession) ->
     settings = loaded.settings
     if not settings.OKTA_ISSUER:
         return None
-    jwks = JwksCache(idp_session, settings.OKTA_ISSUER, settings.OKTA_JWKS_URI)
+    jwks = JwksCache(
+        idp_session,
+        settings.OKTA_ISSUER,
+        settings.OKTA_JWKS_URI,
+        on_fetch=lambda result: JWKS_REFRESHES.labels(result).inc(),
+    )
     return OktaTokenValidator(
         jwks, settings.OKTA_ISSUER, accepted_audiences(loaded), leeway=settings.JWT_LEEWAY_SECONDS
     )
@@ -142,7 +128,8 @@ def replica_id() -> str:
 def build_pipeline(
     loaded: LoadedConfig,
     pool: UpstreamPool,
-    inbound: InboundIdentity | None,
+    identity: Identity | None,
+    sessions: SessionBindings,
     idp_session: aiohttp.ClientSession,
     edge: Edge,
     stream_slots: StreamSlots,
@@ -151,22 +138,27 @@ def build_pipeline(
     config: GatewayConfig = loaded.config
     client = TokenEndpointClient(idp_session)
     discovery = AuthServerDiscovery(client)
+    observers: list[Observer] = [MetricsObserver(), RequestLogObserver()]
+    if audit is not None:
+        observers.append(AuditObserver(audit, replica=replica_id(), record_arguments=config.audit.record_arguments))
     return Pipeline(
-        inbound=inbound,
-        edge=edge,
-        stream_slots=stream_slots,
-        stream_limits=config.rate_limits.streams,
         settings=loaded.settings,
-        router=BackendRouter(config),
-        providers={
-            name: credential_provider(name, backend, loaded, client, discovery)
+        routes=RouteTable(BackendRouter(config)),
+        edge=edge,
+        identity=identity,
+        sessions=sessions,
+        decisions=Decisions(),
+        upstreams={
+            name: Upstream(
+                credential_provider(name, backend, loaded, client, discovery),
+                frozenset(h.lower() for h in backend.forward_headers),
+            )
             for name, backend in config.backends.items()
         },
         forwarder=Forwarder(pool),
-        recorder=RequestRecorder(audit, replica=replica_id(), record_arguments=config.audit.record_arguments),
-        extra_headers={
-            name: frozenset(h.lower() for h in backend.forward_headers) for name, backend in config.backends.items()
-        },
+        stream_slots=stream_slots,
+        stream_limits=config.rate_limits.streams,
+        observers=Observers(observers),
     )
 
 
@@ -196,18 +188,19 @@ class Gateway:
         self.current = self._generation(loaded)
 
     def _generation(self, loaded: LoadedConfig) -> Generation:
-        inbound = None
+        identity = None
         if self.validator is not None:
             agents = AgentDirectory(loaded.config.agents, mode=self.settings.AGENT_IDENTIFICATION)
-            inbound = InboundIdentity(self.validator, agents, self._sessions)
+            identity = Identity(self.validator, agents)
         pool = UpstreamPool(loaded.config.backends, call_connections=self.settings.max_connections)
         scopes = scopes_by_backend(loaded.config)
-        pipeline = build_pipeline(loaded, pool, inbound, self._idp_session, self.edge, self.stream_slots, self._audit)
+        pipeline = build_pipeline(
+            loaded, pool, identity, self._sessions, self._idp_session, self.edge, self.stream_slots, self._audit
+        )
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
 
     async def start(self) -> None:
         await self.current.pool.start()
-        _freeze_long_lived()
         if self.validator is not None:
             # Fetch the keys now so the first request does not wait and /readyz turns ready; a failure is retried on
             # demand by the first request that needs a key.
@@ -219,7 +212,7 @@ class Gateway:
         await self.current.pool.close()
         await self._idp_session.close()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: HttpRequest) -> Answer | None:
         generation = self.current
         generation.active += 1
         try:

@@ -21,10 +21,10 @@ from aiohttp import web
 
 from okta_agent_proxy.commands.doctor import fail, ok
 from okta_agent_proxy.config.settings import Settings
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
-from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
+from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, XaaPolicy
 from okta_agent_proxy.keys import generate_rsa_key, load_signing_key, private_pem
 from tests.support.backends import BACKEND_SESSION_ID, RecordingBackend, running_backend
+from tests.support.okta_faults import FaultyOktaEmulator
 from tests.support.processes import free_port
 
 GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
@@ -50,7 +50,7 @@ class Outcome:
 
 @dataclass
 class Setup:
-    idp: OktaEmulator
+    idp: FaultyOktaEmulator
     backend: RecordingBackend
     tmp_path: Path
     settings: dict[str, str]
@@ -98,7 +98,10 @@ async def setup(tmp_path: Path, *, jwt_bearer: bool = True) -> AsyncIterator[Set
     ]
     apps = [App(AGENT, "Cursor agent", public_jwk=public_jwk)]
     policies = [XaaPolicy(agent_client_id=AGENT, audience=BACKEND_AS)]
-    async with OktaEmulator(auth_servers=servers, apps=apps, xaa_policies=policies) as idp, running_backend() as rb:
+    async with (
+        FaultyOktaEmulator(auth_servers=servers, apps=apps, xaa_policies=policies) as idp,
+        running_backend() as rb,
+    ):
         base = f"http://127.0.0.1:{rb.port}"
         config: dict[str, Any] = {
             "backends": {

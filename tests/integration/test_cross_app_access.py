@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 
-from okta_agent_proxy.devkit.okta_emulator import ORG, OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import User
+from okta_agent_proxy.devkit.okta_emulator import ORG, User
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.okta_faults import FaultyOktaEmulator
 from tests.support.stacks import CURSOR_CLIENT_ID as CURSOR
 from tests.support.stacks import EMPLOYEES_AS as BACKEND_AS
 from tests.support.stacks import (
@@ -37,7 +37,7 @@ LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": 
 
 @dataclass
 class Stack:
-    idp: OktaEmulator
+    idp: FaultyOktaEmulator
     backend: ValidatingBackend
     gateway: RunningGateway
     http: aiohttp.ClientSession
@@ -57,7 +57,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     key, org = employees_org(AUDIENCE, register_public_jwk=register_public_jwk)
     async with (
-        OktaEmulator(users=[ALICE, BOB], **org) as idp,
+        FaultyOktaEmulator(users=[ALICE, BOB], **org) as idp,
         validating_backend(idp, BACKEND_AS) as backend,
     ):
         backend.serve_prm = mode == "dynamic"

@@ -13,8 +13,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import AuthorizationServer, OktaEmulator, User
 from tests.support.backends import RecordingBackend, running_backend
 from tests.support.gateway import gateway_config, gateway_process, psk_backend, running_gateway
 from tests.support.processes import LOOPBACK, free_port

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDictProxy
 
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import AuthorizationServer, User
 from tests.support.backends import RecordingBackend, running_backend
 from tests.support.gateway import DEFAULT_KEY, RunningGateway, psk_backend, running_gateway
+from tests.support.okta_faults import FaultyOktaEmulator
 
 AS_ID = "aus-gateway"
 AUDIENCE = "api://okta-agent-proxy-tests"
@@ -48,7 +48,7 @@ ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "appl
 
 @dataclass
 class Stack:
-    idp: OktaEmulator
+    idp: FaultyOktaEmulator
     backend: RecordingBackend
     gateway: RunningGateway
     http: aiohttp.ClientSession
@@ -85,7 +85,7 @@ def agents_config() -> dict[str, Any]:
 @asynccontextmanager
 async def stack(**settings: Any) -> AsyncIterator[Stack]:
     async with (
-        OktaEmulator(auth_servers=(AuthorizationServer(AS_ID, AUDIENCE),), users=(ALICE, BOB)) as idp,
+        FaultyOktaEmulator(auth_servers=(AuthorizationServer(AS_ID, AUDIENCE),), users=(ALICE, BOB)) as idp,
         running_backend() as backend,
     ):
         config = {
@@ -374,7 +374,7 @@ async def test_during_a_jwks_outage_a_token_with_a_new_key_gets_503_never_401_an
 
 @pytest.mark.parametrize("mode", ["down", "slow", "garbage"])
 async def test_jwks_trouble_is_503_never_401_and_recovers(mode: str) -> None:
-    async with OktaEmulator(auth_servers=(AuthorizationServer(AS_ID, AUDIENCE),), users=(ALICE,)) as idp:
+    async with FaultyOktaEmulator(auth_servers=(AuthorizationServer(AS_ID, AUDIENCE),), users=(ALICE,)) as idp:
         idp.set_jwks_mode(mode, delay_seconds=10)  # type: ignore[arg-type]
         async with running_backend() as backend:
             config = {

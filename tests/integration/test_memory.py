@@ -1,5 +1,5 @@
 """Failed requests leave no reference cycles behind: the gateway raises the cyclic collector's threshold (see
-gateway.GC_YOUNG_THRESHOLD), so a cycle through a request — its exchange, its body — would hold that memory for
+app.GC_YOUNG_THRESHOLD), so a cycle through a request — its record, its body — would hold that memory for
 thousands of requests. Malformed bodies (400) and an unreachable backend (502) are the failures a client controls.
 """
 
@@ -13,7 +13,7 @@ from types import FrameType
 
 import aiohttp
 
-from okta_agent_proxy.exchange import Exchange
+from okta_agent_proxy.record import RequestRecord
 from tests.support.gateway import gateway_config, psk_backend, running_gateway
 from tests.support.processes import free_port
 
@@ -39,8 +39,8 @@ def cyclic_garbage() -> Iterator[list[object]]:
 
 
 def gateway_objects(garbage: list[object]) -> list[str]:
-    """The garbage that belongs to the gateway: exchanges, and frames of its code."""
-    found = [type(o).__name__ for o in garbage if isinstance(o, Exchange)]
+    """The garbage that belongs to the gateway: request records, and frames of its code."""
+    found = [type(o).__name__ for o in garbage if isinstance(o, RequestRecord)]
     frames = [o for o in garbage if isinstance(o, FrameType)]
     found += [f.f_code.co_qualname for f in frames if "okta_agent_proxy" in f.f_code.co_filename]
     return found

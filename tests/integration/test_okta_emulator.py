@@ -1,7 +1,8 @@
 """The devkit Okta emulator over real loopback HTTP: discovery where Okta serves it, tokens that verify with PyJWT
-against the JWKS fetched from it, key rotation, JWKS failure injection, and the token endpoint's client_credentials
-grant with client_secret_basic, client_secret_post and private_key_jwt. Claims and headers are checked exactly;
-error bodies by their RFC 6749 code, never their wording."""
+against the JWKS fetched from it, key rotation, JWKS failure injection (`FaultyOktaEmulator`: the emulator with the
+tests' outage middleware), and the token endpoint's client_credentials grant with client_secret_basic,
+client_secret_post and private_key_jwt. Claims and headers are checked exactly; error bodies by their RFC 6749 code,
+never their wording."""
 
 from __future__ import annotations
 
@@ -25,16 +26,9 @@ import structlog.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from okta_agent_proxy.devkit.okta_emulator import (
-    ORG,
-    App,
-    AuthorizationServer,
-    OAuthError,
-    OktaEmulator,
-    TokenRequest,
-    User,
-    run_emulator,
-)
+from okta_agent_proxy.devkit.demo_idp import run_emulator
+from okta_agent_proxy.devkit.okta_emulator import ORG, App, AuthorizationServer, OAuthError, TokenRequest, User
+from tests.support.okta_faults import FaultyOktaEmulator
 
 GATEWAY = "aus-gateway"
 AUDIENCE = "http://localhost:8000"
@@ -58,13 +52,13 @@ def agent_app() -> App:
     return App(AGENT, "Gateway agent", public_jwk={**public, "kid": AGENT_KID})
 
 
-def emulator(**options: Any) -> OktaEmulator:
+def emulator(**options: Any) -> FaultyOktaEmulator:
     servers = [AuthorizationServer(GATEWAY, AUDIENCE, scopes=("mcp:read", "mcp:write")), AuthorizationServer("b", "x")]
-    return OktaEmulator(auth_servers=servers, users=[ADA], apps=[CURSOR, SERVICE, agent_app()], **options)
+    return FaultyOktaEmulator(auth_servers=servers, users=[ADA], apps=[CURSOR, SERVICE, agent_app()], **options)
 
 
 @pytest.fixture
-async def idp() -> AsyncIterator[OktaEmulator]:
+async def idp() -> AsyncIterator[FaultyOktaEmulator]:
     async with emulator() as running:
         yield running
 
@@ -122,7 +116,7 @@ async def post_token(
 
 @pytest.mark.parametrize("document", ["oauth-authorization-server", "openid-configuration"])
 async def test_metadata_is_path_appended_for_custom_servers(
-    idp: OktaEmulator, http: aiohttp.ClientSession, document: str
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, document: str
 ) -> None:
     issuer = idp.issuer(GATEWAY)
     assert issuer == f"{idp.base_url}/oauth2/{GATEWAY}"
@@ -136,14 +130,14 @@ async def test_metadata_is_path_appended_for_custom_servers(
 
 
 @pytest.mark.parametrize("document", ["oauth-authorization-server", "openid-configuration"])
-async def test_org_metadata_is_at_the_root(idp: OktaEmulator, http: aiohttp.ClientSession, document: str) -> None:
+async def test_org_metadata_is_at_the_root(idp: FaultyOktaEmulator, http: aiohttp.ClientSession, document: str) -> None:
     metadata = await get_json(http, f"{idp.base_url}/.well-known/{document}")
     assert metadata["issuer"] == idp.issuer(ORG) == idp.base_url
     assert metadata["jwks_uri"] == idp.jwks_uri(ORG) == f"{idp.base_url}/oauth2/v1/keys"
     assert metadata["token_endpoint"] == f"{idp.base_url}/oauth2/v1/token"
 
 
-async def test_path_inserted_metadata_is_absent_like_okta(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_path_inserted_metadata_is_absent_like_okta(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     for document in ("oauth-authorization-server", "openid-configuration"):
         async with http.get(f"{idp.base_url}/.well-known/{document}/oauth2/{GATEWAY}") as response:
             assert response.status == 404
@@ -160,7 +154,7 @@ async def test_path_inserted_metadata_when_enabled(http: aiohttp.ClientSession) 
     "path", ["/oauth2/nope/v1/keys", "/oauth2/org/v1/keys", "/oauth2/nope/.well-known/openid-configuration"]
 )
 async def test_unknown_authorization_server_is_okta_404(
-    idp: OktaEmulator, http: aiohttp.ClientSession, path: str
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, path: str
 ) -> None:
     async with http.get(f"{idp.base_url}{path}") as response:
         assert response.status == 404
@@ -170,7 +164,7 @@ async def test_unknown_authorization_server_is_okta_404(
 # ---- minted tokens
 
 
-async def test_access_token_has_okta_shape_and_verifies(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_access_token_has_okta_shape_and_verifies(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token = idp.mint_access_token(GATEWAY, user=ADA, client_id=CURSOR.client_id, scopes=["mcp:read", "mcp:write"])
     assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": idp.signing_kid(GATEWAY)}
     claims = await verify(http, token, idp.issuer(GATEWAY), AUDIENCE)
@@ -184,7 +178,7 @@ async def test_access_token_has_okta_shape_and_verifies(idp: OktaEmulator, http:
     assert abs(claims["iat"] - time.time()) < 60
 
 
-async def test_access_token_options(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_access_token_options(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token = idp.mint_access_token(
         GATEWAY,
         user=ADA.login,  # a configured user, by login
@@ -202,21 +196,21 @@ async def test_access_token_options(idp: OktaEmulator, http: aiohttp.ClientSessi
     assert (claims["scp"], claims["exp"] - claims["iat"]) == ([], 60)
 
 
-async def test_client_credentials_shaped_token(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_client_credentials_shaped_token(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token = idp.mint_access_token(GATEWAY, user=None, client_id=SERVICE.client_id, scopes=["mcp:read"])
     claims = await verify(http, token, idp.issuer(GATEWAY), AUDIENCE)
     assert "uid" not in claims
     assert claims["sub"] == claims["cid"] == SERVICE.client_id
 
 
-async def test_org_access_token_is_for_the_org(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_org_access_token_is_for_the_org(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token = idp.mint_access_token(ORG, user=ADA, client_id=CURSOR.client_id, scopes=["okta.users.read"])
     claims = await verify(http, token, idp.base_url, idp.base_url)
     assert (claims["iss"], claims["aud"]) == (idp.base_url, idp.base_url)
     assert jwt.get_unverified_header(token)["kid"] not in {k["kid"] for k in idp.jwks(GATEWAY)["keys"]}
 
 
-async def test_id_token_is_for_the_client(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_id_token_is_for_the_client(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token = idp.mint_id_token(GATEWAY, user=ADA, client_id=CURSOR.client_id, nonce="n-1")
     claims = await verify(http, token, idp.issuer(GATEWAY), CURSOR.client_id)
     assert (claims["aud"], claims["sub"], claims["preferred_username"]) == (CURSOR.client_id, ADA.uid, ADA.login)
@@ -243,7 +237,7 @@ def rfc7638(jwk: Mapping[str, Any]) -> str:
 
 
 async def test_jwks_publishes_one_rsa_key_per_server_under_its_thumbprint(
-    idp: OktaEmulator, http: aiohttp.ClientSession
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession
 ) -> None:
     kids = set()
     for server in (ORG, GATEWAY, "b"):
@@ -256,7 +250,7 @@ async def test_jwks_publishes_one_rsa_key_per_server_under_its_thumbprint(
     assert len(kids) == 3
 
 
-async def test_rotation_keeping_the_old_key(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_rotation_keeping_the_old_key(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     old_kid = idp.signing_kid(GATEWAY)
     old_token = idp.mint_access_token(GATEWAY, user=ADA, client_id=CURSOR.client_id, scopes=["mcp:read"])
     new_kid = idp.rotate_keys(GATEWAY)
@@ -277,7 +271,7 @@ async def test_rotation_keeping_the_old_key(idp: OktaEmulator, http: aiohttp.Cli
         idp.retire_key(GATEWAY, old_kid)
 
 
-async def test_rotation_dropping_the_old_key(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_rotation_dropping_the_old_key(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     old_kid = idp.signing_kid(GATEWAY)
     new_kid = idp.rotate_keys(GATEWAY, keep_old=False)
     assert [key["kid"] for key in (await get_json(http, idp.jwks_uri(GATEWAY)))["keys"]] == [new_kid]
@@ -289,7 +283,7 @@ async def test_rotation_dropping_the_old_key(idp: OktaEmulator, http: aiohttp.Cl
 # ---- JWKS failure injection and counters
 
 
-async def test_jwks_down_and_garbage_and_recovery(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_jwks_down_and_garbage_and_recovery(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     url = idp.jwks_uri(GATEWAY)
     idp.set_jwks_mode("down")
     async with http.get(url) as response:
@@ -308,7 +302,7 @@ async def test_jwks_down_and_garbage_and_recovery(idp: OktaEmulator, http: aioht
         idp.set_jwks_mode("sideways")  # type: ignore[arg-type]
 
 
-async def test_jwks_slow_delays_the_answer(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_jwks_slow_delays_the_answer(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     url = idp.jwks_uri(GATEWAY)
     idp.set_jwks_mode("slow", delay_seconds=0.5)
     with pytest.raises(TimeoutError):
@@ -336,7 +330,9 @@ async def test_close_does_not_wait_for_a_slow_jwks_answer(http: aiohttp.ClientSe
 # ---- token endpoint
 
 
-async def test_client_credentials_with_client_secret_basic(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_client_credentials_with_client_secret_basic(
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession
+) -> None:
     # Many clients skip the form-encoding; decoding it anyway leaves a secret without '+' or '%' unchanged.
     for credentials in (basic(SERVICE.client_id, SECRET), basic(SERVICE.client_id, SECRET, form_encode=False)):
         status, body, headers = await post_token(http, idp.token_endpoint(GATEWAY), FORM, credentials)
@@ -349,7 +345,7 @@ async def test_client_credentials_with_client_secret_basic(idp: OktaEmulator, ht
     assert idp.token_requests[GATEWAY] == 2
 
 
-async def test_client_credentials_with_client_secret_post(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_client_credentials_with_client_secret_post(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     form = {**FORM, "client_id": SERVICE.client_id, "client_secret": SECRET}
     status, body, _ = await post_token(http, idp.token_endpoint(GATEWAY), form)
     assert status == 200, body
@@ -359,7 +355,7 @@ async def test_client_credentials_with_client_secret_post(idp: OktaEmulator, htt
     ("client_id", "secret"), [(SERVICE.client_id, "wrong"), ("0oaunknown", "x"), (CURSOR.client_id, "x")]
 )
 async def test_bad_client_secret_is_invalid_client(
-    idp: OktaEmulator, http: aiohttp.ClientSession, client_id: str, secret: str
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, client_id: str, secret: str
 ) -> None:
     status, body, headers = await post_token(http, idp.token_endpoint(GATEWAY), FORM, basic(client_id, secret))
     assert (status, body["error"]) == (401, "invalid_client")
@@ -368,7 +364,7 @@ async def test_bad_client_secret_is_invalid_client(
     assert secret not in json.dumps(body)
 
 
-async def test_client_credentials_with_private_key_jwt(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_client_credentials_with_private_key_jwt(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     endpoint = idp.token_endpoint(GATEWAY)
     signed = assertion(endpoint)
     status, body, _ = await post_token(http, endpoint, assertion_form(signed, client_id=AGENT))
@@ -395,7 +391,7 @@ async def test_client_credentials_with_private_key_jwt(idp: OktaEmulator, http: 
     ],
 )
 async def test_bad_client_assertion_is_invalid_client(
-    idp: OktaEmulator, http: aiohttp.ClientSession, changes: dict[str, Any]
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, changes: dict[str, Any]
 ) -> None:
     endpoint = idp.token_endpoint(GATEWAY)
     if changes.get("aud") == "issuer":
@@ -412,7 +408,7 @@ async def test_issuer_as_assertion_audience_when_enabled(http: aiohttp.ClientSes
 
 
 async def test_assertion_signed_by_another_key_is_invalid_client(
-    idp: OktaEmulator, http: aiohttp.ClientSession
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession
 ) -> None:
     endpoint = idp.token_endpoint(GATEWAY)
     now = int(time.time())
@@ -435,7 +431,7 @@ async def test_assertion_signed_by_another_key_is_invalid_client(
     ],
 )
 async def test_unsupported_or_missing_grant_type(
-    idp: OktaEmulator, http: aiohttp.ClientSession, server: str, form: dict[str, str], error: str
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, server: str, form: dict[str, str], error: str
 ) -> None:
     status, body, headers = await post_token(http, idp.token_endpoint(server), form)  # no client authentication
     assert (status, body["error"]) == (400, error)
@@ -450,12 +446,14 @@ async def test_unsupported_or_missing_grant_type(
         {"grant_type": "client_credentials"},
     ],
 )
-async def test_client_credentials_scopes(idp: OktaEmulator, http: aiohttp.ClientSession, form: dict[str, str]) -> None:
+async def test_client_credentials_scopes(
+    idp: FaultyOktaEmulator, http: aiohttp.ClientSession, form: dict[str, str]
+) -> None:
     status, body, _ = await post_token(http, idp.token_endpoint(GATEWAY), form, basic(SERVICE.client_id, SECRET))
     assert (status, body["error"]) == (400, "invalid_scope")
 
 
-async def test_malformed_token_requests(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def test_malformed_token_requests(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     endpoint = idp.token_endpoint(GATEWAY)
     async with http.post(endpoint, json=FORM) as response:
         assert (response.status, (await response.json())["error"]) == (400, "invalid_request")
@@ -472,7 +470,7 @@ async def test_registered_grant_extends_the_token_endpoint(http: aiohttp.ClientS
         await check_registered_grant(idp, http)
 
 
-async def check_registered_grant(idp: OktaEmulator, http: aiohttp.ClientSession) -> None:
+async def check_registered_grant(idp: FaultyOktaEmulator, http: aiohttp.ClientSession) -> None:
     token_exchange = "urn:ietf:params:oauth:grant-type:token-exchange"
     metadata = await get_json(http, f"{idp.base_url}/.well-known/oauth-authorization-server")
     assert metadata["grant_types_supported"] == []

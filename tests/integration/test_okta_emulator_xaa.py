@@ -23,7 +23,8 @@ import structlog.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from okta_agent_proxy.devkit.okta_emulator import ORG, App, AuthorizationServer, OktaEmulator, User, XaaPolicy
+from okta_agent_proxy.devkit.okta_emulator import ORG, App, AuthorizationServer, User, XaaPolicy
+from tests.support.okta_faults import FaultyOktaEmulator
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -83,7 +84,7 @@ def policies() -> list[XaaPolicy]:
     return [jira, wiki, XaaPolicy(AGENT, LEGACY)]
 
 
-def emulator(**options: Any) -> OktaEmulator:
+def emulator(**options: Any) -> FaultyOktaEmulator:
     apps = [
         agent(AGENT, AGENT_KID, client_secret=AGENT_SECRET, linked_client_id=LINKED),
         agent(LONER, LONER_KID),
@@ -91,7 +92,7 @@ def emulator(**options: Any) -> OktaEmulator:
         STRANGER,
         TARGET,
     ]
-    return OktaEmulator(auth_servers=servers(), users=[ADA], apps=apps, xaa_policies=policies(), **options)
+    return FaultyOktaEmulator(auth_servers=servers(), users=[ADA], apps=apps, xaa_policies=policies(), **options)
 
 
 def client_assertion(endpoint: str, client_id: str = AGENT, kid: str = AGENT_KID, **changes: Any) -> str:
@@ -111,7 +112,7 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
 class Xaa:
     """The emulator and an HTTP session, with the two steps as a client performs them."""
 
-    idp: OktaEmulator
+    idp: FaultyOktaEmulator
     http: aiohttp.ClientSession
 
     def caller_token(self, *, client: App = CURSOR, user: User = ADA, **options: Any) -> str:

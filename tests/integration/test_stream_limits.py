@@ -16,8 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import AuthorizationServer, OktaEmulator, User
 from tests.integration.sse import read_sse
 from tests.support.backends import RecordingBackend, running_backend
 from tests.support.gateway import RunningGateway, psk_backend, running_gateway

@@ -23,8 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import AuthorizationServer, OktaEmulator, User
 
 from .authorizing_proxy import AuthorizingProxy, authorizing_proxy
 from .gateway import RunningGateway, bound_socket, running_gateway

@@ -24,10 +24,10 @@ import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from okta_agent_proxy.devkit.okta_emulator import ORG, JwksMode, OktaEmulator
-from okta_agent_proxy.devkit.okta_emulator_keys import User
+from okta_agent_proxy.devkit.okta_emulator import ORG, User
 
 from .gateway import DEFAULT_KEY, RunningGateway, psk_backend, running_gateway
+from .okta_faults import FaultyOktaEmulator, JwksMode
 from .stacks import CURSOR_CLIENT_ID as CURSOR
 from .stacks import EMPLOYEES_AS as BACKEND_AS
 from .stacks import GATEWAY_AS, ValidatingBackend, ec_agent_key, employees_org, validating_backend, xaa_backend
@@ -52,7 +52,7 @@ class Answer:
 
 @dataclass
 class ErrorStack:
-    idp: OktaEmulator
+    idp: FaultyOktaEmulator
     backend: ValidatingBackend
     gateway: RunningGateway
     http: aiohttp.ClientSession
@@ -79,7 +79,7 @@ async def error_stack(
     """The emulator, the validating backend and the gateway; `jwks_mode` is set before the gateway starts, so a
     "down" JWKS is down from the gateway's first fetch."""
     key, org = employees_org(AUDIENCE, register_public_jwk=register_public_jwk)
-    async with OktaEmulator(users=[ALICE], **org) as idp:
+    async with FaultyOktaEmulator(users=[ALICE], **org) as idp:
         idp.set_jwks_mode(jwks_mode)
         async with validating_backend(idp, BACKEND_AS) as backend:
             partners = backend.resource.removesuffix("/mcp") + "/partners"

@@ -9,9 +9,9 @@ and the databases (a SQLite file, or a database of its own on the PostgreSQL ser
   started `AuditWriter`, on 127.0.0.1:<ephemeral> in the test's loop. `AuditedGateway.row(request_id)` waits for
   the one row of a request; `rows()` flushes the writer and returns every row (all columns); `reload(config)`
   swaps in a new config as SIGHUP does.
-- `RecordingOktaEmulator`: the devkit emulator, plus `received` (every `/v1/token` request: form and
-  `Authorization` header, read before the emulator judged it, so refused client assertions are kept too) and
-  `issued` (every `access_token` it answered: ID-JAGs and backend tokens).
+- `RecordingOktaEmulator`: the devkit emulator with its outages (`FaultyOktaEmulator`), plus `received` (every
+  `/v1/token` request: form and `Authorization` header, read before the emulator or an outage judged it, so refused
+  client assertions are kept too) and `issued` (every `access_token` it answered: ID-JAGs and backend tokens).
 - `ValidatingBackend` / `validating_backend(idp, as_id)`: an MCP endpoint accepting only tokens that `as_id`
   minted for its own URL; `reject_next` makes it answer 401 to the next N valid calls.
 - `ec_agent_key(kid)`, `rsa_agent_key(kid)`: an agent's private key as the YAML takes it (JWK / PEM), the public
@@ -38,6 +38,7 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
@@ -48,8 +49,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from okta_agent_proxy.app import GATEWAY, build_app
 from okta_agent_proxy.config.loader import LoadedConfig
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
-from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer
+from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, OktaEmulator, XaaPolicy
 from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
 from okta_agent_proxy.store.audit import AuditWriter, WriterOptions
 from okta_agent_proxy.store.db import Store, async_database_url, display_url, migrate, open_store
@@ -57,6 +57,7 @@ from okta_agent_proxy.store.models import audit_events
 
 from .gateway import ConfigInput, bound_socket, load_config
 from .node_tools import services_required
+from .okta_faults import FaultyOktaEmulator, okta_endpoint
 from .processes import LOOPBACK
 
 __all__ = [
@@ -320,15 +321,18 @@ class ReceivedTokenRequest:
     authorization: str | None
 
 
-class RecordingOktaEmulator(OktaEmulator):
+class RecordingOktaEmulator(FaultyOktaEmulator):
     """The devkit emulator, recording every token request it received and every token it issued."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         self.received: list[ReceivedTokenRequest] = []
         self.issued: list[str] = []
+        super().__init__(middlewares=[self._record], **kwargs)
 
-    async def _handle_token(self, request: web.Request) -> web.Response:
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if okta_endpoint(request) != "token":
+            return await handler(request)
         form: dict[str, list[str]] = {}
         with contextlib.suppress(Exception):  # whatever the body is, the emulator itself answers it
             for name, value in (await request.post()).items():
@@ -337,8 +341,8 @@ class RecordingOktaEmulator(OktaEmulator):
         self.received.append(
             ReceivedTokenRequest(request.match_info.get("id"), form, request.headers.get("Authorization"))
         )
-        response = await super()._handle_token(request)
-        if response.status == 200 and isinstance(response.body, bytes):
+        response = await handler(request)
+        if isinstance(response, web.Response) and response.status == 200 and isinstance(response.body, bytes):
             token = json.loads(response.body).get("access_token")
             if isinstance(token, str):
                 self.issued.append(token)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import pytest
 
 from okta_agent_proxy.errors import IdpUnavailable, TokenExchangeFailed
-from okta_agent_proxy.outbound.base import Credential, CredentialRequest
+from okta_agent_proxy.outbound.base import Credential, CredentialRequest, Subject
 from okta_agent_proxy.outbound.cache import CachingProvider
 
 
@@ -42,6 +43,9 @@ class CountingProvider:
 
     async def invalidate(self, request: CredentialRequest) -> None:
         return None
+
+    def request_for(self, caller: Subject | None, headers: Mapping[str, str]) -> CredentialRequest:
+        return request()
 
 
 def request(subject: str = "alice", expires_at: float | None = None) -> CredentialRequest:
@@ -145,3 +149,36 @@ async def test_waiter_cancelled_does_not_cancel_the_exchange() -> None:
     inner.gate.set()
     assert (await stayer).cache_hit is False
     assert inner.calls == 1
+
+
+async def test_auth_flow_gives_no_retry_after_an_accepted_credential() -> None:
+    clock = Clock()
+    inner = CountingProvider(clock)
+    flow = CachingProvider(inner, clock=clock).auth_flow(None, {})
+    first = await flow.credential()
+    assert first.cache_hit is False and inner.calls == 1
+    assert await flow.retry(200) is None and inner.calls == 1
+
+
+async def test_auth_flow_after_a_401_drops_the_credential_and_gives_one_fresh_one() -> None:
+    clock = Clock()
+    inner = CountingProvider(clock)
+    cache = CachingProvider(inner, clock=clock)
+    await cache.get(request())  # cached: the flow's first credential is a hit
+    flow = cache.auth_flow(None, {})
+    rejected = await flow.credential()
+    assert rejected.cache_hit is True
+    fresh = await flow.retry(401)
+    assert fresh is not None and fresh.cache_hit is False and fresh.headers != rejected.headers and inner.calls == 2
+    assert await flow.retry(401) is None  # one retry only: a second 401 ends the flow
+    assert (await cache.get(request())).headers == fresh.headers  # the fresh one is what is cached now
+
+
+async def test_static_flow_never_retries() -> None:
+    from okta_agent_proxy.config.models import PreSharedKeyAuth
+    from okta_agent_proxy.outbound.static import pre_shared_key
+
+    provider = pre_shared_key(PreSharedKeyAuth.model_validate({"key": "k-123", "header_name": "X-Key"}))
+    flow = provider.auth_flow(None, {})
+    assert dict((await flow.credential()).headers) == {"X-Key": "k-123"}
+    assert await flow.retry(401) is None

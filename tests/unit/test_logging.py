@@ -12,7 +12,8 @@ import pytest
 import structlog
 
 from okta_agent_proxy.observability.log_stream import LineWriter
-from okta_agent_proxy.observability.logging import RequestLine, configure, get_logger, log_info
+from okta_agent_proxy.observability.logging import configure, get_logger
+from okta_agent_proxy.observability.request_line import RequestLine, log_info
 
 
 class CountingStream(io.StringIO):
@@ -126,15 +127,17 @@ def test_a_logged_exception_shows_its_type_and_stack_but_not_its_message(stderr:
     ],
 )
 def test_the_request_line_is_the_line_log_info_writes(stderr: CountingStream, values: tuple[object, ...]) -> None:
-    """`RequestLine` (the per-request fast path) writes exactly what `log_info` does, masking included."""
+    """`RequestLine` (the per-request fast path) and `log_info` write exactly what structlog's own path does,
+    masking included."""
     log = get_logger("test")
     keys = ("request_id", "method", "path", "backend", "agent", "status", "outcome", "ms")
     line = RequestLine(log)
     line.write(*values)  # type: ignore[arg-type]
     line.write(*values)  # type: ignore[arg-type]  # the second time from what was remembered
     log_info(log, "request", dict(zip(keys, values, strict=True)))
+    log.info("request", **dict(zip(keys, values, strict=True)))  # structlog's processors and renderer
     written = [line.rsplit('"timestamp"', 1)[0] for line in stderr.getvalue().splitlines()]
-    assert len(written) == 3 and written[0] == written[1] == written[2], written
+    assert len(written) == 4 and written[0] == written[1] == written[2] == written[3], written
     output = stderr.getvalue()
     assert "eyJzdWIiOiJ4In0" not in output and "Bearer abc" not in output and "dG9rZW4" not in output
 
@@ -154,3 +157,27 @@ def test_a_line_logged_while_a_write_is_under_way_goes_out_with_it() -> None:
     writer = LineWriter(stream)
     writer.msg("first")  # outside a loop: written at once
     assert stream.getvalue() == "first\nnested\n"
+
+
+def test_the_request_line_follows_a_setup_configured_after_ours(stderr: CountingStream) -> None:
+    """Once structlog runs another setup (here a test's capture), the request line goes through it, not around it."""
+    line = RequestLine(get_logger("test"))
+    with structlog.testing.capture_logs() as captured:
+        line.write("r-1", "POST", "/mcp", "bench", None, 200, "ok", 2.5)
+    assert stderr.getvalue() == ""
+    assert captured == [
+        {
+            "event": "request",
+            "log_level": "info",
+            "request_id": "r-1",
+            "method": "POST",
+            "path": "/mcp",
+            "backend": "bench",
+            "agent": None,
+            "status": 200,
+            "outcome": "ok",
+            "ms": 2.5,
+        }
+    ]
+    line.write("r-2", "POST", "/mcp", "bench", None, 200, "ok", 2.5)  # our setup is back in force
+    assert [entry["request_id"] for entry in lines(stderr)] == ["r-2"]

@@ -17,18 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from multidict import MultiDict
 
-from okta_agent_proxy.devkit.okta_emulator_keys import (
-    CLIENT_ASSERTION_TYPE,
-    App,
-    AuthorizationServer,
-    ClientAuthenticator,
-    EmulatorKey,
-    KeyRing,
-    OAuthError,
-    jwk_thumbprint,
-    metadata_document,
-    single,
-)
+from okta_agent_proxy.devkit.okta_emulator_clients import ClientAuthenticator
+from okta_agent_proxy.devkit.okta_emulator_directory import App, AuthorizationServer
+from okta_agent_proxy.devkit.okta_emulator_keys import EmulatorKey, KeyRing, jwk_thumbprint
+from okta_agent_proxy.devkit.okta_emulator_oauth import CLIENT_ASSERTION_TYPE, OAuthError, metadata_document, single
 
 NOW = 1_800_000_000
 ENDPOINT = "https://emulator.test/oauth2/aus-x/v1/token"

@@ -29,7 +29,7 @@ def demo(ctx: click.Context, port: int, workdir: Path | None) -> None:
 @click.option("--audience", default="http://localhost:8000", show_default=True, help="The gateway's audience.")
 def demo_idp(port: int, audience: str) -> None:
     """Run only the Okta emulator, and print its issuer, JWKS URI and a user token."""
-    from okta_agent_proxy.devkit.okta_emulator import run_emulator
+    from okta_agent_proxy.devkit.demo_idp import run_emulator
 
     configure("INFO", "console")
     run_loop(run_emulator(port, audience=audience))

@@ -25,8 +25,7 @@ from pathlib import Path
 from okta_agent_proxy import keys
 from okta_agent_proxy.app import run_until_stopped
 from okta_agent_proxy.config.loader import ConfigError, load
-from okta_agent_proxy.devkit.okta_emulator import OktaEmulator, XaaPolicy
-from okta_agent_proxy.devkit.okta_emulator_keys import App, AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, OktaEmulator, User, XaaPolicy
 
 DEMO_CONFIG = """\
 # Written by `okta-agent-proxy demo`. Secrets come from the environment of the demo process.

@@ -12,91 +12,84 @@ Okta behaviours kept: access tokens shaped like Okta's (header RS256 + `kid`, no
 `aud`, `iat`, `exp`, `cid`, `uid`, `scp` as a JSON array, `auth_time`, `sub` = the user's login, or the client id on
 client-credentials tokens); ID tokens with `aud` = the client id and `sub` = the user id; one RSA key per server
 under an opaque, stable `kid`, and rotation that may keep the old key published; client_credentials at custom
-servers, clients authenticated as Okta does (`okta_emulator_keys.py`); RFC 6749 §5.2 errors with `no-store`; Okta's
+servers, clients authenticated as Okta does (`okta_emulator_clients.py`); RFC 6749 §5.2 errors with `no-store`; Okta's
 JSON 404 for an unknown authorization server.
 
 Cross App Access (`self.xaa`, `okta_emulator_xaa.py`): the org server mints ID-JAGs (RFC 8693 token exchange) for
 what `xaa_policies` allow; custom servers redeem them (RFC 7523 jwt-bearer) unless built with `jwt_bearer=False`.
 
 For tests: tokens minted in code for configured users and apps, claims and headers overridable; `rotate_keys`,
-`retire_key`; failure injection (`set_jwks_mode`, `set_token_endpoint_mode`); per-server counters of JWKS fetches and
-token requests (and `xaa`'s); an injectable clock. Extension point: `/v1/token` dispatches on `grant_type` through a
-table of `GrantHandler`s per kind of server (`register_grant`), which is also the metadata's `grant_types_supported`;
-a grant type missing from the table gets `unsupported_grant_type` before any client authentication.
+`retire_key`; `xaa`'s counters; an injectable clock. Extension points: `/v1/token` dispatches on `grant_type` through
+a table of `GrantHandler`s per kind of server (`register_grant`), which is also the metadata's
+`grant_types_supported`; a grant type missing from the table gets `unsupported_grant_type` before any client
+authentication. `middlewares` wrap every route (aiohttp's own mechanism): the tests inject outages and count or
+record requests with them (tests/support/okta_faults.py), so the emulator itself carries no failure modes.
 
 Not emulated: `/v1/authorize` (advertised, not served), login, sessions, consent, refresh tokens, introspection,
 revocation, userinfo, logout, access policies beyond Cross App Access (client_credentials gets any scope its server
-defines), rate limits, JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged;
-`run_emulator` prints its demo token on purpose.
+defines), rate limits, JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged.
+
+This module is the HTTP face and the minting; the rest lives beside it: the org's users, apps and servers
+(`okta_emulator_directory.py`), signing keys (`okta_emulator_keys.py`), client authentication
+(`okta_emulator_clients.py`), the token endpoint's vocabulary (`okta_emulator_oauth.py`), Cross App Access
+(`okta_emulator_xaa.py`), and the standalone demo org of `okta-agent-proxy demo idp` (`demo_idp.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import signal
-import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Literal, Self, TextIO, get_args
+from typing import Any, Literal, Self
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from multidict import MultiDict
 
-from okta_agent_proxy.devkit.okta_emulator_keys import (
+from okta_agent_proxy.devkit.okta_emulator_clients import ClientAuthenticator
+from okta_agent_proxy.devkit.okta_emulator_directory import (
     OIDC_SCOPES,
     ORG,
     App,
     AuthorizationServer,
-    ClientAuthenticator,
-    EmulatorKey,
-    GrantHandler,
-    KeyRing,
-    OAuthError,
-    TokenRequest,
     User,
     by_key,
+    okta_id,
+)
+from okta_agent_proxy.devkit.okta_emulator_keys import EmulatorKey, KeyRing
+from okta_agent_proxy.devkit.okta_emulator_oauth import (
+    GrantHandler,
+    OAuthError,
+    TokenRequest,
     metadata_document,
     okta_error,
-    okta_id,
     single,
 )
 from okta_agent_proxy.devkit.okta_emulator_xaa import JWT_BEARER, TOKEN_EXCHANGE, CrossAppAccess, XaaPolicy
 
 __all__ = [
     "CLIENT_CREDENTIALS",
-    "DEMO_APP",
-    "DEMO_AUDIENCE",
-    "DEMO_AUTH_SERVER_ID",
-    "DEMO_SCOPES",
-    "DEMO_USER",
     "ORG",
     "App",
     "AuthorizationServer",
     "GrantHandler",
-    "JwksMode",
     "OAuthError",
     "OktaEmulator",
-    "TokenEndpointMode",
     "TokenRequest",
     "User",
     "XaaPolicy",
     "okta_id",
-    "run_emulator",
 ]
 
 CLIENT_CREDENTIALS = "client_credentials"
 LOOPBACK = "127.0.0.1"
-JwksMode = Literal["ok", "down", "slow", "garbage"]
-TokenEndpointMode = Literal["ok", "down", "slow"]
 ServerKind = Literal["org", "custom"]
 Clock = Callable[[], float]
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only "slow" answers take long)
+_SHUTDOWN_GRACE_SECONDS = 0.25  # in-flight requests at close (only answers a test's middleware delays take long)
 
 
 class OktaEmulator:
@@ -111,15 +104,14 @@ class OktaEmulator:
         port: int = 0,
         path_inserted_metadata: bool = False,
         issuer_assertion_audience: bool = False,
-        jwks_delay_seconds: float = 5.0,
-        token_delay_seconds: float = 5.0,
         xaa_policies: Sequence[XaaPolicy] = (),
         token_exchange: bool = True,
         clock: Clock = time.time,
+        middlewares: Sequence[Middleware] = (),
     ) -> None:
         """`issuer_assertion_audience` also accepts the issuer as a client assertion's `aud` (rfc7523bis);
-        Okta accepts only the token endpoint URL. `jwks_delay_seconds`, `token_delay_seconds`: how long "slow" JWKS
-        and token answers wait. `xaa_policies` start `self.xaa.policies`; `token_exchange=False`: no ID-JAGs."""
+        Okta accepts only the token endpoint URL. `xaa_policies` start `self.xaa.policies`; `token_exchange=False`:
+        no ID-JAGs. `middlewares`: aiohttp middlewares around every route, the first one outermost."""
         self._custom = by_key(auth_servers, lambda server: server.id, "authorization server id")
         self._users = by_key(users, lambda user: user.login, "user login")
         self._apps = by_key(apps, lambda app: app.client_id, "app client_id")
@@ -127,6 +119,7 @@ class OktaEmulator:
         self._path_inserted_metadata = path_inserted_metadata
         self._issuer_assertion_audience = issuer_assertion_audience
         self._clock = clock
+        self._middlewares = tuple(middlewares)
         # One logger per emulator, bound on first use: a test's structlog capture sees this instance's events.
         self._log = structlog.get_logger(__name__)
         self._clients = ClientAuthenticator(self._apps, clock)
@@ -142,15 +135,7 @@ class OktaEmulator:
         self._keys: dict[str, KeyRing] = {}
         self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
-        self._jwks_mode: JwksMode = "ok"
-        self._jwks_delay_seconds = jwks_delay_seconds
-        self._token_modes: dict[str | None, TokenEndpointMode] = {None: "ok"}  # by server id; None: the others
-        self._token_delay_seconds = token_delay_seconds
         self.org_id = okta_id("00o")
-        self.jwks_fetches: Counter[str] = Counter()
-        """Requests to each server's `/v1/keys`, whatever the JWKS mode answered."""
-        self.token_requests: Counter[str] = Counter()
-        """Requests to each server's `/v1/token`, successful or not."""
 
     # ---- lifecycle and addresses
 
@@ -241,28 +226,6 @@ class OktaEmulator:
         """The JWKS the server publishes right now (without an HTTP round trip)."""
         return self._keyring(auth_server_id).jwks()
 
-    def set_jwks_mode(self, mode: JwksMode, *, delay_seconds: float | None = None) -> None:
-        """How every `/v1/keys` answers from now on: "ok"; "down" (503); "slow" (the JWKS after `delay_seconds`,
-        default the constructor's `jwks_delay_seconds`); "garbage" (200, `application/json`, a body that is not JSON).
-        """
-        if mode not in get_args(JwksMode):
-            raise ValueError(f"unknown JWKS mode {mode!r}")
-        self._jwks_mode = mode
-        if delay_seconds is not None:
-            self._jwks_delay_seconds = delay_seconds
-
-    def set_token_endpoint_mode(
-        self, mode: TokenEndpointMode, *, delay_seconds: float | None = None, auth_server_id: str | None = None
-    ) -> None:
-        """How `/v1/token` answers from now on: "ok", "down" (503) or "slow" (after `delay_seconds`, default the
-        constructor's `token_delay_seconds`). Only at `auth_server_id` (`ORG` or a custom id) if given, else at all
-        servers (forgetting per-server modes)."""
-        if mode not in get_args(TokenEndpointMode):
-            raise ValueError(f"unknown token endpoint mode {mode!r}")
-        self._token_modes = {**self._token_modes, auth_server_id: mode} if auth_server_id else {None: mode}
-        if delay_seconds is not None:
-            self._token_delay_seconds = delay_seconds
-
     # ---- minting
 
     def mint_access_token(
@@ -317,7 +280,7 @@ class OktaEmulator:
     # ---- HTTP
 
     def _application(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=self._middlewares)
         oauth, oidc = partial(self._handle_metadata, oidc=False), partial(self._handle_metadata, oidc=True)
         for endpoints, issuer in (("/oauth2", ""), ("/oauth2/{id}", "/oauth2/{id}")):  # org, custom servers
             app.router.add_get(f"{endpoints}/v1/keys", self._handle_jwks)
@@ -338,13 +301,7 @@ class OktaEmulator:
         return server_id
 
     async def _handle_jwks(self, request: web.Request) -> web.Response:
-        server_id = self._server_id(request)
-        self.jwks_fetches[server_id] += 1
-        if self._jwks_mode == "garbage":
-            return web.Response(text="<html><body>502 Bad Gateway</body></html>", content_type="application/json")
-        if (outage := await _injected_failure(self._jwks_mode, self._jwks_delay_seconds)) is not None:
-            return outage
-        return web.json_response(self._keyring(server_id).jwks())
+        return web.json_response(self._keyring(self._server_id(request)).jwks())
 
     async def _handle_metadata(self, request: web.Request, *, oidc: bool) -> web.Response:
         server_id = self._server_id(request)
@@ -367,10 +324,6 @@ class OktaEmulator:
 
     async def _handle_token(self, request: web.Request) -> web.Response:
         server_id = self._server_id(request)
-        self.token_requests[server_id] += 1
-        mode = self._token_modes.get(server_id, self._token_modes[None])
-        if (outage := await _injected_failure(mode, self._token_delay_seconds)) is not None:
-            return outage
         grant_type: str | None = None
         try:
             if request.content_type != "application/x-www-form-urlencoded":
@@ -400,70 +353,16 @@ class OktaEmulator:
         return web.json_response(body, headers=_NO_STORE)
 
     async def _client_credentials(self, request: TokenRequest) -> dict[str, Any]:
+        """Scopes as requested, else the server's defaults; OIDC scopes and scopes the server lacks are refused."""
         server = self._custom[request.auth_server_id]
-        scopes = server.grantable_scopes(request.param("scope"))
+        scopes = (request.param("scope") or "").split() or list(server.default_scopes)
+        if not scopes:
+            raise OAuthError("invalid_scope", "No default scopes are configured; 'scope' must be provided.")
+        if any(scope in OIDC_SCOPES or (server.scopes and scope not in server.scopes) for scope in scopes):
+            raise OAuthError("invalid_scope", "One or more scopes are not configured for the authorization server.")
         token = self.mint_access_token(server.id, user=None, client_id=request.client.client_id, scopes=scopes)
         return {"token_type": "Bearer", "expires_in": 3600, "access_token": token, "scope": " ".join(scopes)}
 
 
 def _kind(auth_server_id: str) -> ServerKind:
     return "org" if auth_server_id == ORG else "custom"
-
-
-async def _injected_failure(mode: str, delay_seconds: float) -> web.Response | None:
-    """The 503 of a "down" endpoint; after the delay of a "slow" one, None (answer normally). Compare the result
-    with None: a `web.Response` is an empty mapping, hence falsy."""
-    if mode == "down":
-        body = okta_error("E0000009", "Service unavailable (emulated outage)")
-        return web.Response(status=503, text=body, content_type="application/json", headers={"Retry-After": "1"})
-    if mode == "slow":
-        await asyncio.sleep(delay_seconds)
-    return None
-
-
-# ---- the standalone demo IdP
-
-DEMO_AUTH_SERVER_ID = "aus-gateway"
-DEMO_AUDIENCE = "http://localhost:8000"
-DEMO_SCOPES = ("mcp:read", "mcp:write")
-DEMO_USER = User("ada.lovelace@example.com", "00udemoada0lovelace1")
-DEMO_APP = App("0oademocursor0000001", "Cursor")
-
-
-async def run_emulator(
-    port: int = 0,
-    *,
-    audience: str = DEMO_AUDIENCE,
-    token_lifetime: int = 3600,
-    out: TextIO | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Serve the demo org until SIGINT/SIGTERM (or `stop` is set), after printing where it is and a user token.
-
-    The org has one custom authorization server, `aus-gateway`, for the gateway at `audience`, one user and one
-    app (`Cursor`); the printed token is that user's, through that app, with `mcp:read mcp:write`."""
-    server = AuthorizationServer(DEMO_AUTH_SERVER_ID, audience, scopes=DEMO_SCOPES)
-    async with OktaEmulator(auth_servers=[server], users=[DEMO_USER], apps=[DEMO_APP], port=port) as idp:
-        token = idp.mint_access_token(
-            server.id, user=DEMO_USER, client_id=DEMO_APP.client_id, scopes=DEMO_SCOPES, lifetime=token_lifetime
-        )
-        issuer = idp.issuer(server.id)
-        print(
-            f"Okta emulator (an Okta-shaped IdP for development) at {idp.base_url}, the org issuer.\n"
-            f"Custom authorization server {server.id}, as the gateway's settings:\n"
-            f"  OKTA_DOMAIN={idp.base_url}\n  OKTA_ISSUER={issuer}\n  OKTA_AUDIENCE={audience}\n"
-            f"  OKTA_JWKS_URI={idp.jwks_uri(server.id)}\n"
-            f"Its metadata (path-appended, as on Okta): {issuer}/.well-known/oauth-authorization-server\n\n"
-            f"Access token for {DEMO_USER.login} through app {DEMO_APP.name} (cid {DEMO_APP.client_id}), "
-            f"scopes {' '.join(DEMO_SCOPES)}, valid {token_lifetime} s:\n{token}\n\nPress Ctrl-C to stop.",
-            file=out or sys.stdout,
-            flush=True,
-        )
-        stop, loop = stop or asyncio.Event(), asyncio.get_running_loop()
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for sig in _STOP_SIGNALS:
-                loop.remove_signal_handler(sig)

@@ -36,16 +36,10 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from okta_agent_proxy.devkit.okta_emulator_keys import (
-    CLOCK_SKEW_SECONDS,
-    OIDC_SCOPES,
-    ORG,
-    AuthorizationServer,
-    KeyRing,
-    OAuthError,
-    TokenRequest,
-    User,
-)
+from okta_agent_proxy.devkit.okta_emulator_clients import CLOCK_SKEW_SECONDS
+from okta_agent_proxy.devkit.okta_emulator_directory import OIDC_SCOPES, ORG, AuthorizationServer, User
+from okta_agent_proxy.devkit.okta_emulator_keys import KeyRing
+from okta_agent_proxy.devkit.okta_emulator_oauth import OAuthError, TokenRequest
 
 __all__ = [
     "ACCESS_TOKEN_LIFETIME_SECONDS",

@@ -24,11 +24,11 @@ import re
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from okta_agent_proxy.config.settings import Settings, normalize_origin
 from okta_agent_proxy.errors import BadRequest, ForbiddenOrigin, MisdirectedRequest
+from okta_agent_proxy.http.interface import HttpRequest
 
 # DESIGN.md §2: the headers whose every copy must agree — so the gateway accepts exactly one.
 SECURITY_HEADERS = tuple(
@@ -96,7 +96,7 @@ class Edge:
         self._allowed_origins = settings.allowed_origins
         self._hosts: dict[str, bool] = {}  # Host value → allowed by ALLOWED_HOSTS
 
-    def check(self, request: web.Request, rules: EdgeRules = MCP_ROUTES) -> None:
+    def check(self, request: HttpRequest, rules: EdgeRules = MCP_ROUTES) -> None:
         """Raise the edge's refusal for this request, if any (in the order of the module docstring)."""
         headers = request.headers
         # A header name repeated at all (rare) shows as fewer distinct names than headers: only then look closer.
@@ -105,7 +105,7 @@ class Edge:
                 if len(headers.getall(name, ())) > 1:
                     raise BadRequest(f"the {name} header was sent more than once")
         raw = request.raw_path
-        if "?" in raw and any(name.lower() == "access_token" for name in request.query):
+        if "?" in raw and any(name.lower() == "access_token" for name in request.query_names()):
             raise BadRequest("an access token must be sent in the Authorization header, never in the URL")
         if not raw.isprintable() or ("%" in raw and not request.path.isprintable()):
             raise BadRequest("the request path contains control characters")
@@ -129,7 +129,7 @@ _random_bits = random.getrandbits  # request ids must be unique, not secret: a c
 _now_ns = time.time_ns
 
 
-def request_id(request: web.Request) -> str:
+def request_id(request: HttpRequest) -> str:
     """The client's `X-Request-ID` if it is sane; else 32 hex digits, time-ordered as a UUIDv7 is (milliseconds
     since the epoch, then 80 random bits): unique, sortable, and appended at the end of the audit log's request-id
     index rather than at random places in it (random keys made each audit insert 2-3x as costly)."""

@@ -16,14 +16,15 @@ nowhere else reaches into aiohttp's server:
    requests or of unread answers cannot shut out `/healthz` or a valid client. Only when every connection is busy
    with a request is the new one closed.
 
-How: `GatewayRunner` builds aiohttp's server as usual and gives it the `_GatewayServer` class (aiohttp builds the
-server inside `AppRunner._make_server`, a private method, and has no hook for the connection class). The server
-then makes `_Connection`s; its public `connection_made`/`connection_lost` hooks tell `ConnectionGuard` when a
-connection opens and closes, and the guard reads three fields of aiohttp's own connection state (whether a request
-is in progress, how many have come, when keep-alive would end) when it sweeps or evicts — never per request, so the
-guard costs the request path only a check in `data_received`.
-tests/integration/test_slow_clients.py and the parser-refusal test in test_errors.py fail if aiohttp changes any
-of this underneath.
+How, with aiohttp's public API: `GatewayRunner` is a `web.ServerRunner` over a `web.Server` of our own,
+`_GatewayServer`, which serves the application with the request handler and factory of the server aiohttp builds for
+it (a `web.AppRunner`, kept for the application's start-up and clean-up, whose own server never listens). The server
+makes `_Connection`s; its `connection_made`/`connection_lost` hooks tell `ConnectionGuard` when a connection opens
+and closes, and the guard reads three fields of aiohttp's own connection state (whether a request is in progress,
+how many have come, when keep-alive would end; `internals.py`, the one adapter to private state) when it sweeps or
+evicts — never per request, so the guard costs the request path only a check in `data_received`.
+tests/integration/test_slow_clients.py, the parser-refusal test in test_errors.py and tests/unit/test_internals.py
+fail if aiohttp changes any of this underneath.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import UnreadableRequest
+from okta_agent_proxy.http.aiohttp_binding import DISPATCHER
+from okta_agent_proxy.internals import handling_request, keepalive_ends_at, requests_parsed
 from okta_agent_proxy.observability.metrics import CONNECTIONS_CLOSED, UNREADABLE_REQUESTS
 
 SWEEP_SECONDS = 0.5  # how often slow connections are looked for: the timeouts are this much late at most
@@ -54,7 +55,7 @@ class ConnectionLimits:
         return cls(settings.HEADER_READ_TIMEOUT_SECONDS, settings.KEEPALIVE_TIMEOUT_SECONDS, settings.max_connections)
 
 
-class _Connection(RequestHandler):
+class _Connection(web.RequestHandler):
     """aiohttp's connection handler, with the gateway's answer to unreadable requests, and a note of when data last
     began to arrive after a whole request had come in — what `ConnectionGuard` needs to find a request that is being
     sent too slowly. Nothing is called per request for it: two attribute writes when data comes."""
@@ -69,8 +70,9 @@ class _Connection(RequestHandler):
         self.stalled_since: float | None = None  # -1: the client stopped taking our bytes, not yet stamped
 
     def data_received(self, data: bytes) -> None:
-        if self.partial_since is None or self.partial_count != self._request_count:
-            self.partial_since, self.partial_count = -1.0, self._request_count
+        parsed = requests_parsed(self)
+        if self.partial_since is None or self.partial_count != parsed:
+            self.partial_since, self.partial_count = -1.0, parsed
         super().data_received(data)
 
     def pause_writing(self) -> None:
@@ -82,7 +84,7 @@ class _Connection(RequestHandler):
         self.stalled_since = None
 
     def handle_error(
-        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         response = super().handle_error(request, status, exc, message)  # logs (without content) and closes
         if not 400 <= status < 500:
@@ -93,23 +95,21 @@ class _Connection(RequestHandler):
         replacement.force_close()
         return replacement
 
-    # aiohttp's own bookkeeping, read (never written) by the guard — only when it sweeps or must evict, never per
-    # request. Each is private to aiohttp's `RequestHandler`; tests/integration/test_slow_clients.py fails if one
-    # changes meaning.
+    # aiohttp's own bookkeeping (`internals.py`), read by the guard only when it sweeps or must evict.
     @property
     def busy(self) -> bool:
         """A request is being handled (its response not yet finished)."""
-        return self._request_in_progress
+        return handling_request(self)
 
     @property
     def requests_parsed(self) -> int:
         """Requests whose headers have come in on this connection."""
-        return self._request_count
+        return requests_parsed(self)
 
     @property
     def idle_until(self) -> float:
         """When aiohttp's keep-alive timer would close it (the last response's end + KEEPALIVE_TIMEOUT_SECONDS)."""
-        return self._next_keepalive_close_time
+        return keepalive_ends_at(self)
 
 
 class ConnectionGuard:
@@ -202,40 +202,77 @@ class ConnectionGuard:
             self._sweeper = None
 
 
+async def _not_started(request: web.BaseRequest) -> web.StreamResponse:
+    raise RuntimeError("GatewayRunner.setup() has not run")
+
+
 class _GatewayServer(web.Server):
-    guard: ConnectionGuard
+    """aiohttp's low-level server, making `_Connection`s with `options` (`web.RequestHandler`'s keyword arguments)
+    and telling the guard when one opens and closes. It serves what `adopt` gives it."""
 
-    def __call__(self) -> RequestHandler:
-        return _Connection(self, loop=self._loop, **self._kwargs)
+    def __init__(
+        self, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop, handler_cancellation: bool, **options: Any
+    ) -> None:
+        super().__init__(_not_started, handler_cancellation=handler_cancellation, loop=loop, **options)
+        self.guard = guard
+        self.event_loop = loop
+        self.options = options
 
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+    def adopt(self, built: web.Server, app: web.Application) -> None:
+        """Serve requests as `built` (the server aiohttp built for `app`) would — through the app's `Dispatcher`
+        itself when it has one, without aiohttp's router (`http/aiohttp_binding.py`)."""
+        dispatcher = app.get(DISPATCHER)
+        self.request_handler = dispatcher.handle if dispatcher is not None else built.request_handler
+        self.request_factory = built.request_factory
+
+    def __call__(self) -> web.RequestHandler:
+        return _Connection(self, loop=self.event_loop, **self.options)
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         if isinstance(handler, _Connection):
             self.guard.opened(handler)
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         if isinstance(handler, _Connection):
             self.guard.closed(handler)
 
 
-class GatewayRunner(web.AppRunner):
-    """`web.AppRunner` whose server is a `_GatewayServer` under `limits`."""
+class GatewayRunner(web.ServerRunner):
+    """Serves `app` as `web.AppRunner(app, **options)` would, on a `_GatewayServer` under `limits`. Must be made in
+    a running event loop. `options` are `web.RequestHandler`'s keyword arguments (`access_log`, `keepalive_timeout`:
+    default `limits.keepalive_timeout`, …)."""
 
-    def __init__(self, app: web.Application, *, limits: ConnectionLimits | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        limits: ConnectionLimits | None = None,
+        handle_signals: bool = False,
+        shutdown_timeout: float = 60.0,
+        handler_cancellation: bool = False,
+        **options: Any,
+    ) -> None:
         self.limits = limits or ConnectionLimits()
-        kwargs.setdefault("keepalive_timeout", self.limits.keepalive_timeout)
-        super().__init__(app, **kwargs)
-        self.guard: ConnectionGuard | None = None
+        options.setdefault("keepalive_timeout", self.limits.keepalive_timeout)
+        loop = asyncio.get_running_loop()
+        self.guard = ConnectionGuard(self.limits, loop)
+        self.gateway_server = _GatewayServer(self.guard, loop, handler_cancellation, **options)
+        # The application's start-up, clean-up and the server aiohttp builds for it, which never listens.
+        self.app_runner = web.AppRunner(app)
+        super().__init__(self.gateway_server, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout)
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _GatewayServer
-        assert isinstance(server, _GatewayServer)
-        server.guard = self.guard = ConnectionGuard(self.limits, asyncio.get_running_loop())
-        return server
+    async def setup(self) -> None:
+        await self.app_runner.setup()  # the application's on_startup
+        built = self.app_runner.server
+        assert built is not None
+        self.gateway_server.adopt(built, self.app_runner.app)
+        await super().setup()
 
     async def cleanup(self) -> None:
-        if self.guard is not None:
-            self.guard.close()
+        """Stop listening, close idle connections, give the others `shutdown_timeout` to finish, then run the
+        application's on_shutdown and on_cleanup."""
+        self.guard.close()
         await super().cleanup()
+        await self.app_runner.cleanup()

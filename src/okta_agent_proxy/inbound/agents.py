@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
+
 from okta_agent_proxy.config.models import Agent
 from okta_agent_proxy.errors import AuthorizationDenied
 from okta_agent_proxy.inbound.validator import Principal
-from okta_agent_proxy.observability.logging import get_logger
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,14 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import structlog
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
 from okta_agent_proxy.errors import IdpUnavailable
-from okta_agent_proxy.observability.logging import get_logger
-from okta_agent_proxy.observability.metrics import JWKS_REFRESHES
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
 _MAX_DOCUMENT_BYTES = 512 * 1024
 # After a failed fetch, answer 503 at once for this long instead of asking the IdP again for every request.
@@ -113,8 +112,11 @@ class JwksCache:
         max_age: float = 3600.0,
         min_refetch_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        on_fetch: Callable[[str], None] = lambda result: None,
     ) -> None:
+        """`on_fetch("ok" | "error")` after each fetch (the composition counts them)."""
         self._session = session
+        self._on_fetch = on_fetch
         self._issuer = issuer
         self._jwks_uri = jwks_uri
         self._fetch_timeout = fetch_timeout
@@ -183,11 +185,11 @@ class JwksCache:
             if not keys:
                 raise JwksFetchError("JWKS contains no usable signing key")
         except JwksFetchError:
-            JWKS_REFRESHES.labels("error").inc()
+            self._on_fetch("error")
             self._failing = True
             self._last_failure = self._clock()
             raise
-        JWKS_REFRESHES.labels("ok").inc()
+        self._on_fetch("ok")
         self._keys = keys
         self._failing = False
         self._fetched_at = self._clock()

@@ -23,20 +23,19 @@ arrives — was answered, and is not recorded as a 499.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import yarl
-from aiohttp import web
 from multidict import CIMultiDict
 
 from okta_agent_proxy.config.models import Backend
-from okta_agent_proxy.errors import BackendRejectedCredential, BackendTimeout, BackendUnavailable
+from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable
+from okta_agent_proxy.http.interface import HttpRequest, ResponseStream
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
-from okta_agent_proxy.observability.metrics import OPEN_STREAMS
 
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 
@@ -89,11 +88,22 @@ def sse_error_event(code: str, message: str) -> bytes:
 class RelayStats:
     """What the relay saw, for metrics and the audit record."""
 
-    headers_sent_at: float | None = None  # perf_counter() when the response headers went to the client
     bytes_out: int = 0
-    upstream_headers_seconds: float | None = None
     failure: str | None = None  # the error code when the stream failed after the response started
     delivered: bool = False  # the client has the whole answer (see the module docstring)
+
+
+class ResponseTransformer(Protocol):
+    """The one seam where an answer can be rewritten on its way to the client (the tool policy filters list answers
+    here). Made per response, so it may keep state across chunks; a response without one is streamed untouched."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The backend's next bytes in; what to send to the client now (b"" to hold them back)."""
+        ...
+
+    def end(self) -> bytes:
+        """The backend's answer is complete; what is left to send."""
+        ...
 
 
 def _drop_tracebacks(error: BaseException) -> None:
@@ -164,7 +174,7 @@ class Forwarder:
 
     async def relay(
         self,
-        request: web.Request,
+        request: HttpRequest,
         response: aiohttp.ClientResponse,
         backend_name: str,
         backend: Backend,
@@ -172,18 +182,16 @@ class Forwarder:
         request_id: str,
         stats: RelayStats,
         is_sse: bool,
-        answer_id: str | int | None = None,
-    ) -> web.StreamResponse:
-        """Stream the backend's response to the client as it arrives; returns once the client has it all.
+        answer_id: str | int | None,
+        on_start: Callable[[], None],
+        transform: ResponseTransformer | None = None,
+    ) -> int:
+        """Stream the backend's response to the client as it arrives; returns its status once the client has it
+        all.
         `public_prefix` is the gateway's URL for this backend route (for `Location`); `is_sse` whether the answer is
         an SSE stream; `answer_id` the JSON-RPC id of the POSTed request, whose response ends what the client is
-        waiting for."""
-        if response.status == 401:
-            response.close()
-            raise BackendRejectedCredential(f"backend {backend_name} rejected the gateway's credential")
-        out = web.StreamResponse(status=response.status, reason=response.reason)
-        headers = out.headers
-        headers.extend(relayed_response_headers(response.headers))
+        waiting for; `on_start` is called once the headers are out; `transform`, if any, rewrites the body."""
+        headers = CIMultiDict(relayed_response_headers(response.headers))
         location = response.headers.get("Location")
         if location is not None:
             try:
@@ -194,65 +202,73 @@ class Forwarder:
         headers["X-Request-ID"] = request_id
         if is_sse:
             headers["X-Accel-Buffering"] = "no"
-            OPEN_STREAMS.inc()
+        if transform is not None:
+            headers.popall("Content-Length", None)  # the body's length changes with it
         tail = b""
         try:
-            await out.prepare(request)
-            stats.headers_sent_at = time.perf_counter()
+            out = await request.start_response(response.status, response.reason, headers)
+            on_start()
             content = response.content
             if content.is_eof():
                 # The whole body came in with the headers (a short JSON answer): it goes out with the end of the
                 # response, in one write. Nothing waits for data that has not arrived.
                 tail = content.read_nowait()
+                if transform is not None:
+                    tail = transform.feed(tail) + transform.end()
                 stats.bytes_out += len(tail)
-            elif is_sse:
-                # A GET stream has no answer the client waits for: one it closes stays a 499 (it ended the stream).
-                watch = SseEvents() if answer_id is not None else None
-                await _copy(content, out, backend.stream_idle_timeout_seconds, stats, watch, answer_id)
             else:
-                await _copy(content, out, backend.timeout_seconds, stats, None, None, response.content_length)
+                if is_sse:
+                    # A GET stream has no answer the client waits for: one it closes stays a 499 (it ended it).
+                    watch = SseEvents() if answer_id is not None else None
+                    gap, length = backend.stream_idle_timeout_seconds, None
+                else:
+                    watch, gap, length = None, backend.timeout_seconds, response.content_length
+                await _copy(content, out, gap, stats, watch, answer_id, length, transform)
+                if transform is not None:
+                    tail = transform.end()
+                    stats.bytes_out += len(tail)
         except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)
             response.close()
             await _end_abnormally(request, out, exc, is_sse, stats)
-            return out
+            return response.status
         except BaseException:
             response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
             raise
-        finally:
-            if is_sse:
-                OPEN_STREAMS.dec()
         response.release()
-        await out.write_eof(tail)
+        await out.end(tail)
         stats.delivered = True
-        return out
+        return response.status
 
 
 async def _copy(
     content: aiohttp.StreamReader,
-    out: web.StreamResponse,
+    out: ResponseStream,
     gap: float,
     stats: RelayStats,
     watch: SseEvents | None,
     answer_id: str | int | None,
-    content_length: int | None = None,
+    content_length: int | None,
+    transform: ResponseTransformer | None,
 ) -> None:
-    """Copy the body as it arrives; no wait — for the backend's next bytes, or for the client to take the last
-    ones — may last longer than `gap` (else `_Stalled`)."""
+    """Copy the body as it arrives (through `transform`, if any); no wait — for the backend's next bytes, or for
+    the client to take the last ones — may last longer than `gap` (else `_Stalled`)."""
     loop = asyncio.get_running_loop()
     on_client = False
     try:
         async with asyncio.timeout(gap) as deadline:
-            async for chunk in content.iter_any():
+            async for received in content.iter_any():
                 on_client = True
                 deadline.reschedule(loop.time() + gap)
+                chunk = received if transform is None else transform.feed(received)
                 stats.bytes_out += len(chunk)
-                await out.write(chunk)
+                if chunk:
+                    await out.write(chunk)
                 on_client = False
                 deadline.reschedule(loop.time() + gap)
                 if watch is not None and answer_id is not None and not stats.delivered:
                     stats.delivered = any(is_response_to(data, answer_id) for data in watch.feed(chunk))
-                elif content_length is not None and stats.bytes_out >= content_length:
+                elif content_length is not None and transform is None and stats.bytes_out >= content_length:
                     stats.delivered = True
     except TimeoutError as exc:
         _drop_tracebacks(exc)
@@ -260,13 +276,12 @@ async def _copy(
 
 
 async def _end_abnormally(
-    request: web.Request, out: web.StreamResponse, exc: BaseException, is_sse: bool, stats: RelayStats
+    request: HttpRequest, out: ResponseStream, exc: BaseException, is_sse: bool, stats: RelayStats
 ) -> None:
     """End a response that started but cannot be completed, so that it never looks complete."""
     if isinstance(exc, _Stalled) and exc.on_client:
         stats.failure = "client_timeout"
-        if request.transport is not None:
-            request.transport.abort()  # the client is not reading: nothing more can be written to it
+        request.abort()  # the client is not reading: nothing more can be written to it
         return
     stats.failure = "backend_timeout" if isinstance(exc, _Stalled) else "backend_unavailable"
     if is_sse:
@@ -275,7 +290,7 @@ async def _end_abnormally(
         else:
             event = sse_error_event("backend_unavailable", "the backend stream ended abnormally")
         await out.write(event)
-        await out.write_eof()
-    elif request.transport is not None:
+        await out.end()
+    else:
         # A JSON body cut short must not look complete: end the connection instead of the message.
-        request.transport.abort()
+        request.abort()

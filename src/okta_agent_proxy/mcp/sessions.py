@@ -65,6 +65,19 @@ class SessionBindings:
             raise SessionNotFound("session not found; initialize a new one")
         self._owners[session_id] = (owner, now)
 
+    def admit(self, presented: str | None, owner: SessionOwner) -> None:
+        """Before forwarding: a presented session id must be one this owner started (else SessionNotFound)."""
+        if presented is not None:
+            self.check(presented, owner)
+
+    def track(self, method: str, presented: str | None, status: int, issued: str | None, owner: SessionOwner) -> None:
+        """After the backend answered: bind a session id it issued; forget one that was deleted or that it no
+        longer knows."""
+        if presented is not None and (status == 404 or (method == "DELETE" and 200 <= status < 300)):
+            self.drop(presented)
+        elif issued is not None and presented is None and status < 400:
+            self.bind(issued, owner)
+
     def drop(self, session_id: str) -> None:
         self._owners.pop(session_id, None)
 

@@ -5,8 +5,9 @@ are fixed by the key's backend. An entry lives until the earlier of the credenti
 expiry, minus `skew`: a backend token must not outlive the user's session that justified it. Concurrent requests
 for a missing key wait for the one exchange in flight instead of starting their own (single-flight). A refusal
 (`token_exchange_failed`) is remembered for `denial_ttl` seconds so a client retrying in a loop does not hammer the
-IdP; an unavailable IdP is not remembered. `invalidate` drops the entry after a backend rejected it. Only
-`refreshable` credentials are cached (ID-JAGs themselves never are: the provider never returns one).
+IdP; an unavailable IdP is not remembered. After a backend rejects a credential with 401, the flow drops the entry
+and yields a fresh one, once. Only `refreshable` credentials are cached (ID-JAGs themselves never are: the provider
+never returns one).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from okta_agent_proxy.errors import TokenExchangeFailed
-from okta_agent_proxy.outbound.base import Credential, CredentialProvider, CredentialRequest
+from okta_agent_proxy.outbound.base import AuthFlow, Credential, CredentialRequest, Exchanger, Subject
 
 CacheKey = tuple[str, str | None, str | None, str | None]
 
@@ -29,7 +30,7 @@ def cache_key(request: CredentialRequest) -> CacheKey:
 class CachingProvider:
     def __init__(
         self,
-        inner: CredentialProvider,
+        inner: Exchanger,
         *,
         skew: float = 60.0,
         denial_ttl: float = 10.0,
@@ -46,6 +47,9 @@ class CachingProvider:
         self._denials: dict[CacheKey, tuple[TokenExchangeFailed, float]] = {}
         self._inflight: dict[CacheKey, asyncio.Future[Credential]] = {}
         self.exchanges = 0
+
+    def auth_flow(self, caller: Subject | None, headers: Mapping[str, str]) -> AuthFlow:
+        return _CachedFlow(self, self._inner.request_for(caller, headers))
 
     async def get(self, request: CredentialRequest) -> Credential:
         key = cache_key(request)
@@ -93,3 +97,24 @@ class CachingProvider:
         key = cache_key(request)
         self._entries.pop(key, None)
         await self._inner.invalidate(request)
+
+
+class _CachedFlow:
+    """The cached credential for one request; after a 401, the rejected one dropped and a fresh one, once."""
+
+    def __init__(self, cache: CachingProvider, request: CredentialRequest) -> None:
+        self._cache = cache
+        self._request = request
+        self._refreshable = False  # the last credential given may be replaced (and has not been yet)
+
+    async def credential(self) -> Credential:
+        credential = await self._cache.get(self._request)
+        self._refreshable = credential.refreshable
+        return credential
+
+    async def retry(self, status: int) -> Credential | None:
+        if status != 401 or not self._refreshable:
+            return None
+        self._refreshable = False  # one retry only
+        await self._cache.invalidate(self._request)
+        return await self._cache.get(self._request)

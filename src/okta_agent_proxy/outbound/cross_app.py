@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 import jwt
+import structlog
 
 from okta_agent_proxy.config.models import Agent, CrossAppBackend
 from okta_agent_proxy.errors import (
@@ -30,8 +31,7 @@ from okta_agent_proxy.errors import (
     InvalidToken,
     TokenExchangeFailed,
 )
-from okta_agent_proxy.observability.logging import get_logger
-from okta_agent_proxy.outbound.base import Credential, CredentialRequest
+from okta_agent_proxy.outbound.base import Credential, CredentialRequest, Subject, credential_request
 from okta_agent_proxy.outbound.discovery import AuthorizationServerInfo, AuthServerDiscovery
 from okta_agent_proxy.outbound.id_jag import (
     ACCESS_TOKEN_TYPE,
@@ -46,7 +46,7 @@ from okta_agent_proxy.outbound.oauth_client import (
     TokenEndpointUnavailable,
 )
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 DEFAULT_LIFETIME_SECONDS = 300  # when a token response omits expires_in
 
 
@@ -82,6 +82,10 @@ class CrossAppProvider:
 
     async def invalidate(self, request: CredentialRequest) -> None:
         return None  # nothing is kept here; the cache in front of this provider drops its entry
+
+    def request_for(self, caller: Subject | None, headers: Mapping[str, str]) -> CredentialRequest:
+        id_token_header = self._config.id_token_header
+        return credential_request(self._name, caller, headers.get(id_token_header) if id_token_header else None)
 
     async def get(self, request: CredentialRequest) -> Credential:
         agent = self._agents.get(request.agent or "")

@@ -7,22 +7,33 @@ rejects them cannot be helped by a retry, so `refreshable` is False.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 
 from okta_agent_proxy.config.models import PreSharedKeyAuth, ServiceAccountAuth
 from okta_agent_proxy.errors import CredentialUnavailable
-from okta_agent_proxy.outbound.base import Credential, CredentialRequest
+from okta_agent_proxy.outbound.base import AuthFlow, Credential, Subject
+
+
+class _StaticFlow:
+    """The same credential for every request; a rejection is not helped by sending the same headers again."""
+
+    def __init__(self, credential: Credential) -> None:
+        self._credential = credential
+
+    async def credential(self) -> Credential:
+        return self._credential
+
+    async def retry(self, status: int) -> Credential | None:
+        return None
 
 
 class StaticProvider:
     def __init__(self, method: str, headers: dict[str, str]) -> None:
         self.method = method
-        self._credential = Credential(headers=headers)
+        self._flow = _StaticFlow(Credential(headers=headers))  # one for every request: it holds no state
 
-    async def get(self, request: CredentialRequest) -> Credential:
-        return self._credential
-
-    async def invalidate(self, request: CredentialRequest) -> None:
-        return None
+    def auth_flow(self, caller: Subject | None, headers: Mapping[str, str]) -> AuthFlow:
+        return self._flow
 
 
 def pre_shared_key(auth: PreSharedKeyAuth) -> StaticProvider:
@@ -41,8 +52,16 @@ class UnavailableProvider:
         self.method = method
         self._reason = reason
 
-    async def get(self, request: CredentialRequest) -> Credential:
-        raise CredentialUnavailable(self._reason, agent_id=request.agent)
+    def auth_flow(self, caller: Subject | None, headers: Mapping[str, str]) -> AuthFlow:
+        return _Refusing(CredentialUnavailable(self._reason, agent_id=caller.agent_name if caller else None))
 
-    async def invalidate(self, request: CredentialRequest) -> None:
+
+class _Refusing:
+    def __init__(self, error: CredentialUnavailable) -> None:
+        self._error = error
+
+    async def credential(self) -> Credential:
+        raise self._error
+
+    async def retry(self, status: int) -> Credential | None:
         return None

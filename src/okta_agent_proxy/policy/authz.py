@@ -34,3 +34,28 @@ def authorize(
     granted_set = frozenset(granted)
     if any(scope not in granted_set for scope in needed):
         raise InsufficientScope("the access token lacks a required scope", scopes=needed, agent_id=agent_name)
+
+
+class Decisions:
+    """`authorize`, with the allowed combinations remembered per config generation (the agent and backend behind a
+    name do not change within one); a denial is worked out each time, so its error is fresh."""
+
+    MAX = 1024
+
+    def __init__(self) -> None:
+        self._allowed: set[tuple[str, str, frozenset[str], str | None]] = set()
+
+    def check(
+        self,
+        agent_name: str,
+        agent: Agent,
+        backend_name: str,
+        backend: Backend,
+        granted: frozenset[str],
+        method: str | None,
+    ) -> None:
+        key = (agent_name, backend_name, granted, method)
+        if key not in self._allowed:
+            authorize(agent_name, agent, backend_name, backend, granted, method)
+            if len(self._allowed) < self.MAX:
+                self._allowed.add(key)

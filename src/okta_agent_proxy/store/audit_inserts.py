@@ -16,7 +16,6 @@ it is, for the writer to retry.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,16 +31,6 @@ CLOSE_WAIT = 5.0
 A = TypeVar("A")
 R = TypeVar("R")
 Statements = list[tuple[str, list[tuple[Any, ...]]]]  # (INSERT, its parameter sets), as `RowEncoder.statements`
-
-# Python 3.11's sqlite3 looks each bound value that is not exactly a str, int, float or bytearray up in its adapter
-# registry — None and bool included — and when nothing is registered, asks the value for `__conform__`, which
-# formats an AttributeError only to drop it. Audit rows are mostly NULLs: that was about a quarter of the cost of
-# inserting one. Registered, each is a lookup that finds its adapter: None binds as NULL and a bool as 0/1, as
-# before. (`{}.get` returns None for any argument, without a Python frame.) The registry is process-wide; these
-# change no value.
-_NONE: dict[None, None] = {}
-sqlite3.register_adapter(type(None), _NONE.get)
-sqlite3.register_adapter(bool, int)
 
 
 class RowsRefused(Exception):

@@ -2,8 +2,9 @@
 
 Rows are sanitised so that what a caller controls cannot make an INSERT fail: text is capped in length, NUL and
 lone surrogates are replaced, and tool-call arguments (stored only with `audit.record_arguments`) become JSON text
-capped at 64 KiB. A batch goes in a few multi-row INSERTs, built from the one-row statement SQLAlchemy compiles for
-the dialect (see `RowEncoder.statements`); on SQLite each names only the columns that some row of it sets.
+capped at 64 KiB. A batch goes in a few multi-row INSERTs — the text SQLAlchemy compiles for `insert().values([…])`,
+made from its one-row statement by `internals.multi_row_insert` (see `RowEncoder.statements`); on SQLite each names
+only the columns that some row of it sets.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import operator
-import re
 import sqlite3
 from datetime import UTC, datetime
 from itertools import chain
@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Dialect, Double, Text, bindparam, insert
 
+from okta_agent_proxy.internals import multi_row_insert
 from okta_agent_proxy.store.events import AuditEvent
 from okta_agent_proxy.store.models import audit_events, epoch_microseconds
 
@@ -32,7 +33,6 @@ MAX_ROWS_PER_STATEMENT = 256
 
 _table = audit_events
 _FIELDS = AuditEvent._fields
-_PARAMETER = re.compile(r"\$(\d+)")  # a numbered parameter ($1, asyncpg's style)
 _SUBSETS_KEPT = 512  # INSERTs of column subsets remembered (each: a set of columns × a row count)
 _TEXT_FIELDS = frozenset(
     c.name for c in _table.columns if isinstance(c.type, Text) and c.name in _FIELDS and c.name != "arguments"
@@ -67,27 +67,18 @@ def _aware_time(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _insert_statement(dialect: Dialect, columns: tuple[str, ...] = _FIELDS) -> str:
-    """The one-row INSERT of `columns` (default: every field); its parameters are their values in that order."""
+def _insert_statement(dialect: Dialect, columns: tuple[str, ...] = _FIELDS, rows: int = 1) -> str:
+    """The INSERT of `rows` rows of `columns` (default: every field), SQLAlchemy's multi-row `VALUES (…), (…), …`
+    for more than one; its parameters are the rows' values, row after row, each row in `columns`' order."""
+    names = [[f"{name}_{row}" for name in columns] for row in range(rows)]
+    values: list[dict[str, Any]] = [
+        {name: bindparam(bound) for name, bound in zip(columns, row, strict=True)} for row in names
+    ]
     # inline(): no RETURNING of the generated id (which PostgreSQL would otherwise send back for a one-row INSERT)
-    compiled = insert(_table).values({name: bindparam(name) for name in columns}).inline().compile(dialect=dialect)
-    if list(compiled.positiontup or []) != list(columns):
+    compiled = insert(_table).values(values).inline().compile(dialect=dialect)
+    if list(compiled.positiontup or []) != list(chain.from_iterable(names)):
         raise RuntimeError("audit_events INSERT does not bind the AuditEvent fields in their order")
     return str(compiled)
-
-
-def _multi_row(single: str, rows: int) -> str:
-    """`single` (a one-row INSERT) extended to `rows` rows: its VALUES group repeated, numbered parameters
-    renumbered for each row (`?` parameters need nothing)."""
-    head, values, group = single.partition(" VALUES ")
-    if not values or not (group.startswith("(") and group.endswith(")")):
-        raise RuntimeError("audit_events INSERT has an unexpected shape")
-    width = group.count(",") + 1
-
-    def renumbered(row: int) -> str:
-        return _PARAMETER.sub(lambda m: f"${int(m.group(1)) + row * width}", group)
-
-    return head + values + ", ".join(renumbered(row) for row in range(rows))
 
 
 def _sqlite_parameter_limit() -> int:
@@ -144,7 +135,7 @@ class RowEncoder:
         """The INSERT of `rows` rows (a power of two up to `max_rows`); its parameters row after row."""
         sql = self._statements.get(rows)
         if sql is None:
-            sql = self._statements[rows] = _multi_row(self.sql, rows)
+            sql = self._statements[rows] = multi_row_insert(self.sql, rows)
         return sql
 
     def _plain(self, event: AuditEvent) -> bool:
@@ -189,7 +180,7 @@ class RowEncoder:
             if len(self._subsets) >= _SUBSETS_KEPT:
                 self._subsets.clear()
             single = _insert_statement(self._dialect, tuple(_FIELDS[i] for i in kept))
-            sql = self._subsets[(kept, rows)] = _multi_row(single, rows)
+            sql = self._subsets[(kept, rows)] = multi_row_insert(single, rows)
         return sql
 
     def encode(self, event: AuditEvent) -> tuple[Any, ...]:
