@@ -24,10 +24,15 @@ from okta_agent_proxy.http.aiohttp_binding import Route, application
 from okta_agent_proxy.http.answers import error_answer
 from okta_agent_proxy.http.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
 from okta_agent_proxy.http.interface import Answer, Endpoint, HttpRequest
-from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
+from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner, ServerEvents
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
-from okta_agent_proxy.observability.metrics import AUDIT_DROPPED, AUDIT_QUEUE_DEPTH
+from okta_agent_proxy.observability.metrics import (
+    AUDIT_DROPPED,
+    AUDIT_QUEUE_DEPTH,
+    CONNECTIONS_CLOSED,
+    UNREADABLE_REQUESTS,
+)
 from okta_agent_proxy.observability.metrics import render as render_metrics
 from okta_agent_proxy.reload import ConfigReloader
 from okta_agent_proxy.store.audit import AuditWriter
@@ -45,6 +50,11 @@ _CORS_PREFLIGHT = {
     "Access-Control-Allow-Headers": "MCP-Protocol-Version, Authorization",
     "Access-Control-Max-Age": "86400",
 }
+
+
+def server_events() -> ServerEvents:
+    """The server's events, counted in `/metrics`."""
+    return ServerEvents(lambda reason: CONNECTIONS_CLOSED.labels(reason).inc(), UNREADABLE_REQUESTS.inc)
 
 
 def json_answer(document: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Answer:
@@ -216,6 +226,7 @@ async def _serve(
     runner = GatewayRunner(
         app,
         limits=ConnectionLimits.from_settings(settings),
+        events=server_events(),
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,
@@ -231,6 +242,7 @@ async def _serve(
         metrics_runner = GatewayRunner(
             build_metrics_app(app[GATEWAY].edge, audit),
             limits=ConnectionLimits.from_settings(settings),
+            events=server_events(),
             handle_signals=False,
             access_log=None,
         )

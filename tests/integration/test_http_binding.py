@@ -59,3 +59,23 @@ async def test_endpoints_are_found_as_aiohttps_router_found_them() -> None:
         async with http.post(gw.url("/healthz"), data=BODY, headers=ACCEPT) as post:
             assert post.status == 200 and (await post.json())["id"] == 3
         assert [r.path_qs for r in backend.requests if r.method == "POST"] == ["/healthz"]
+
+
+def _unreadable(metrics_text: str) -> float:
+    line = next(ln for ln in metrics_text.splitlines() if ln.startswith("oap_unreadable_requests_total "))
+    return float(line.split()[1])
+
+
+async def test_a_request_the_parser_refuses_is_counted_in_metrics() -> None:
+    async with running_gateway(gateway_config()) as gw, aiohttp.ClientSession() as http:
+        async with http.get(gw.url("/metrics")) as before:
+            counted = _unreadable(await before.text())
+        reader, writer = await asyncio.open_connection(LOOPBACK, gw.port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert answer.split(b" ", 2)[1] == b"400" and b'"bad_request"' in answer
+        async with http.get(gw.url("/metrics")) as after:
+            assert _unreadable(await after.text()) == counted + 1

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from okta_agent_proxy.app import build_app
+from okta_agent_proxy.app import build_app, server_events
 from okta_agent_proxy.config.loader import LoadedConfig, load
 from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
 
@@ -136,6 +136,7 @@ async def _serve(sock: socket.socket, loaded: LoadedConfig) -> AsyncIterator[Non
     runner = GatewayRunner(
         build_app(loaded),
         limits=ConnectionLimits.from_settings(loaded.settings),
+        events=server_events(),
         handler_cancellation=True,
         access_log=None,
         handle_signals=False,

@@ -47,7 +47,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from okta_agent_proxy.app import GATEWAY, build_app
+from okta_agent_proxy.app import GATEWAY, build_app, server_events
 from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, OktaEmulator, XaaPolicy
 from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner
@@ -226,6 +226,7 @@ async def audited_gateway(
             runner = GatewayRunner(
                 app,
                 limits=ConnectionLimits.from_settings(loaded.settings),
+                events=server_events(),
                 handler_cancellation=handler_cancellation,
                 access_log=None,
                 handle_signals=False,

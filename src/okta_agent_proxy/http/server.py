@@ -30,6 +30,7 @@ fail if aiohttp changes any of this underneath.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,6 @@ from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import UnreadableRequest
 from okta_agent_proxy.http.aiohttp_binding import DISPATCHER
 from okta_agent_proxy.internals import handling_request, keepalive_ends_at, requests_parsed
-from okta_agent_proxy.observability.metrics import CONNECTIONS_CLOSED, UNREADABLE_REQUESTS
 
 SWEEP_SECONDS = 0.5  # how often slow connections are looked for: the timeouts are this much late at most
 
@@ -55,15 +55,29 @@ class ConnectionLimits:
         return cls(settings.HEADER_READ_TIMEOUT_SECONDS, settings.KEEPALIVE_TIMEOUT_SECONDS, settings.max_connections)
 
 
+def _ignore(*args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEvents:
+    """What the server reports (the composition counts them in metrics): a connection it closed, and why ("slow",
+    "evicted", "refused"); a request its parser refused."""
+
+    connection_closed: Callable[[str], None] = _ignore
+    unreadable_request: Callable[[], None] = _ignore
+
+
 class _Connection(web.RequestHandler):
     """aiohttp's connection handler, with the gateway's answer to unreadable requests, and a note of when data last
     began to arrive after a whole request had come in — what `ConnectionGuard` needs to find a request that is being
     sent too slowly. Nothing is called per request for it: two attribute writes when data comes."""
 
-    __slots__ = ("opened_at", "partial_count", "partial_since", "stalled_since")
+    __slots__ = ("events", "opened_at", "partial_count", "partial_since", "stalled_since")
 
     def __init__(self, manager: _GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self.events = manager.guard.events
         self.opened_at = 0.0
         self.partial_since: float | None = None  # -1: data came, the guard's next sweep stamps the time
         self.partial_count = 0  # requests parsed on this connection when that data came
@@ -89,7 +103,7 @@ class _Connection(web.RequestHandler):
         response = super().handle_error(request, status, exc, message)  # logs (without content) and closes
         if not 400 <= status < 500:
             return response
-        UNREADABLE_REQUESTS.inc()
+        self.events.unreadable_request()
         error = UnreadableRequest("the request could not be read as HTTP")
         replacement = web.Response(status=status, body=error.body_bytes(), content_type="application/json")
         replacement.force_close()
@@ -117,8 +131,9 @@ class ConnectionGuard:
     request, and at `max_connections` a new connection is admitted by closing the one that has waited longest without
     sending a whole request, else the longest idle one (both found by a scan, which happens only at the limit)."""
 
-    def __init__(self, limits: ConnectionLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, limits: ConnectionLimits, loop: asyncio.AbstractEventLoop, events: ServerEvents) -> None:
         self._limits = limits
+        self.events = events
         self._loop = loop
         self._connections: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -158,7 +173,7 @@ class ConnectionGuard:
 
     def _abort(self, connection: _Connection, reason: str) -> None:
         self._connections.discard(connection)
-        CONNECTIONS_CLOSED.labels(reason).inc()
+        self.events.connection_closed(reason)
         if connection.transport is not None:
             connection.transport.abort()  # frees the descriptor now; connection_lost follows
 
@@ -249,6 +264,7 @@ class GatewayRunner(web.ServerRunner):
         app: web.Application,
         *,
         limits: ConnectionLimits | None = None,
+        events: ServerEvents | None = None,
         handle_signals: bool = False,
         shutdown_timeout: float = 60.0,
         handler_cancellation: bool = False,
@@ -257,7 +273,7 @@ class GatewayRunner(web.ServerRunner):
         self.limits = limits or ConnectionLimits()
         options.setdefault("keepalive_timeout", self.limits.keepalive_timeout)
         loop = asyncio.get_running_loop()
-        self.guard = ConnectionGuard(self.limits, loop)
+        self.guard = ConnectionGuard(self.limits, loop, events or ServerEvents())
         self.gateway_server = _GatewayServer(self.guard, loop, handler_cancellation, **options)
         # The application's start-up, clean-up and the server aiohttp builds for it, which never listens.
         self.app_runner = web.AppRunner(app)

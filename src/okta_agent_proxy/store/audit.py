@@ -33,11 +33,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
+import structlog
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from okta_agent_proxy.config.models import AuditConfig
-from okta_agent_proxy.observability.logging import get_logger
 from okta_agent_proxy.store.audit_inserts import EngineInserter, Inserter, RowsRefused, Statements
 from okta_agent_proxy.store.audit_rows import RowEncoder
 from okta_agent_proxy.store.events import AuditEvent
@@ -51,7 +51,7 @@ MAX_DELAY = 0.2
 PRUNE_CHUNK = 5_000
 _RETRY_FIRST, _RETRY_MAX = 0.1, 5.0
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 _table = audit_events
 
 
