@@ -1,1 +1,2 @@
-"""The embedded default: sample backends and the demo. Only `cli.py` and tests import this package."""
+"""The embedded default: sample backends, the Okta emulator and the demo. Of the product only `commands/demo.py`
+imports this package; tests and the bench use it too."""
