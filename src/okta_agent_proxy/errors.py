@@ -41,6 +41,13 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class SessionNotFound(NotFound):
+    """A session id that does not open, was sealed for another backend or principal, or was never issued: answered
+    exactly like an unknown session, so the client starts a new one."""
+
+    code = "session_not_found"
+
+
 class MisdirectedRequest(GatewayError):
     status = 421
     code = "misdirected_request"

@@ -33,7 +33,7 @@ from okta_agent_proxy.inbound.caller import Identity
 from okta_agent_proxy.inbound.jwks import JwksCache
 from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
-from okta_agent_proxy.mcp.sessions import SessionBindings
+from okta_agent_proxy.mcp.sessions import SessionSeal, session_keys
 from okta_agent_proxy.mcp.stream_slots import StreamSlots
 from okta_agent_proxy.observability.audit_log import AuditObserver, AuditSink
 from okta_agent_proxy.observability.logging import get_logger
@@ -129,7 +129,7 @@ def build_pipeline(
     loaded: LoadedConfig,
     pool: UpstreamPool,
     identity: Identity | None,
-    sessions: SessionBindings,
+    sessions: SessionSeal,
     idp_session: aiohttp.ClientSession,
     edge: Edge,
     stream_slots: StreamSlots,
@@ -183,7 +183,7 @@ class Gateway:
         self.validator = build_validator(loaded, self._idp_session)
         self.edge = Edge(loaded.settings)
         self.stream_slots = StreamSlots()  # open streams outlive a reload: counted across generations
-        self._sessions = SessionBindings()
+        self._sessions = SessionSeal(session_keys(loaded.settings))
         self._background: set[asyncio.Future[None]] = set()
         self.current = self._generation(loaded)
 

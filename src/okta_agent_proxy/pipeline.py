@@ -1,14 +1,14 @@
 """The request pipeline, in order, in one place (DESIGN.md §2). `Pipeline.handle` reads top to bottom:
 
-    route → edge → method → authenticate and identify the agent → inspect → authorize → session → stream cap
-          → credential and upstream call (its auth flow) → track the session → relay
+    route → edge → method → authenticate and identify the agent → inspect → authorize → open the session
+          → stream cap → credential and upstream call (its auth flow) → seal the session id → relay
 
 Each step is a plain function or method in the folder of its layer; `handle` passes what one returns to the next.
 The `RequestRecord` is for observers (audit, metrics, the request line): `handle` writes it and no step reads it.
 Without `OKTA_ISSUER` there is no inbound identity (`identity` is None): nobody is authenticated, nothing is
-authorized per agent, no session is bound, and `serve` then listens on loopback only. Every refusal is a
-`GatewayError`, rendered by `error_response` — the one renderer — before the response starts. Once a response has
-started, the forwarder ends it (an SSE error event, or an aborted connection for a cut JSON body).
+authorized per agent, session ids are sealed to their backend alone, and `serve` then listens on loopback only.
+Every refusal is a `GatewayError`, rendered by `error_answer` — the one renderer — before the response starts. Once a
+response has started, the forwarder ends it (an SSE error event, or an aborted connection for a cut JSON body).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from okta_agent_proxy.inbound.caller import Caller, Identity
 from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
 from okta_agent_proxy.mcp.forward import Forwarder, RelayStats, ResponseTransformer
 from okta_agent_proxy.mcp.headers import SSE, upstream_headers
-from okta_agent_proxy.mcp.messages import McpMessage, parse_message
-from okta_agent_proxy.mcp.sessions import SessionBindings, SessionOwner
+from okta_agent_proxy.mcp.messages import McpMessage, is_stateless, parse_message
+from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, SessionSeal
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
@@ -76,7 +76,7 @@ class Pipeline:
     routes: RouteTable
     edge: Edge
     identity: Identity | None  # None: no OKTA_ISSUER, nobody is authenticated
-    sessions: SessionBindings
+    sessions: SessionSeal
     decisions: Decisions
     upstreams: Mapping[str, Upstream]
     forwarder: Forwarder
@@ -99,11 +99,11 @@ class Pipeline:
             caller = await self.identify(request, record)
             body, message = await self.inspect(request, record)
             self.authorize(caller, route, message)
-            owner = self.admit_session(request, caller)
+            session = self.open_session(request, route, caller, message)
             slot = self.admit_stream(request, route, caller)
-            response = await self.send(request, route, url, caller, body, record)
-            self.track_session(request, response, owner)
-            await self.relay(request, response, route, caller, message, record)
+            response = await self.send(request, route, url, caller, body, session, record)
+            session_id = self.client_session_id(response, route, session)
+            await self.relay(request, response, route, caller, message, session_id, record)
             return None
         except GatewayError as error:
             return self.refuse(request, record, error)
@@ -147,14 +147,16 @@ class Pipeline:
             agent, method = caller.agent, message.method if message is not None else None
             self.decisions.check(agent.name, agent.agent, route.name, route.backend, caller.principal.scopes, method)
 
-    def admit_session(self, request: HttpRequest, caller: Caller | None) -> SessionOwner | None:
-        """A session id must come from the principal that started the session (else 404, as an unknown one)."""
-        if caller is None:
-            return None
-        principal = caller.principal
-        owner = SessionOwner(principal.issuer, principal.subject, caller.agent.name)
-        self.sessions.admit(request.headers.get("Mcp-Session-Id"), owner)
-        return owner
+    def open_session(
+        self, request: HttpRequest, route: Route, caller: Caller | None, message: McpMessage | None
+    ) -> Session:
+        """The session the request continues: its sealed id opened for this backend and caller (else 404
+        `session_not_found`). A stateless-era request has none: its `Mcp-Session-Id` is dropped."""
+        owner = SessionOwner(caller.issuer, caller.user, caller.agent_name) if caller is not None else NOBODY
+        presented = request.headers.get("Mcp-Session-Id")
+        if presented is None or is_stateless(request.headers.get("MCP-Protocol-Version"), message):
+            return Session(owner)
+        return Session(owner, presented, self.sessions.open(presented, route.name, owner))
 
     def admit_stream(self, request: HttpRequest, route: Route, caller: Caller | None) -> StreamSlot | None:
         """A GET is a stream from the start: admitted only under the stream caps (DESIGN.md §9)."""
@@ -169,6 +171,7 @@ class Pipeline:
         url: yarl.URL | None,
         caller: Caller | None,
         body: bytes | None,
+        session: Session,
         record: RequestRecord,
     ) -> aiohttp.ClientResponse:
         """The backend's own credential, as its provider's auth flow, around the upstream call: after a 401 the
@@ -179,6 +182,9 @@ class Pipeline:
         flow = upstream.provider.auth_flow(caller, request.headers)
         credential = record.credential = await flow.credential()
         headers = upstream_headers(request.headers, upstream.extra_headers, credential.headers, record.request_id)
+        headers.popall("Mcp-Session-Id", None)  # the client's is sealed: the backend gets its own id, or none
+        if session.backend_id is not None:
+            headers["Mcp-Session-Id"] = session.backend_id
         target = url if url is not None else route.target(request.query_string)
         while True:
             record.step("upstream")
@@ -201,11 +207,15 @@ class Pipeline:
         agent = caller.agent_name if caller else None
         raise BackendRejectedCredential(f"backend {route.name} rejected the gateway's credential", agent_id=agent)
 
-    def track_session(self, request: HttpRequest, response: aiohttp.ClientResponse, owner: SessionOwner | None) -> None:
-        if owner is not None:
-            presented = request.headers.get("Mcp-Session-Id")
-            issued = response.headers.get("Mcp-Session-Id")
-            self.sessions.track(request.method, presented, response.status, issued, owner)
+    def client_session_id(self, response: aiohttp.ClientResponse, route: Route, session: Session) -> str | None:
+        """What the client gets for the backend's `Mcp-Session-Id`: the id it presented when the backend repeats
+        the one inside it, else the backend's id sealed (never the raw id)."""
+        issued = response.headers.get("Mcp-Session-Id")
+        if issued is None:
+            return None
+        if issued == session.backend_id:
+            return session.presented
+        return self.sessions.seal(route.name, issued, session.owner)
 
     async def relay(
         self,
@@ -214,10 +224,11 @@ class Pipeline:
         route: Route,
         caller: Caller | None,
         message: McpMessage | None,
+        session_id: str | None,
         record: RequestRecord,
     ) -> None:
-        """Stream the answer to the client. A POST answered as a stream is counted under the stream caps while it
-        lasts, never cut (the backend is already working on the call)."""
+        """Stream the answer to the client (`session_id` in place of the backend's session id). A POST answered as
+        a stream is counted under the stream caps while it lasts, never cut (the backend is already working on it)."""
         is_sse = record.is_stream = response.headers.get("Content-Type", "").startswith(SSE)
         counted = None
         if is_sse and request.method != "GET":
@@ -235,6 +246,7 @@ class Pipeline:
                 stats,
                 is_sse,
                 answer_id,
+                session_id,
                 record.response_started,
                 self.transformers(route, caller),
             )

@@ -411,3 +411,22 @@ def test_seed_entry_point_refuses_a_non_loopback_host_too(tmp_path: Path) -> Non
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "0.0.0.0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "shared", [{"REDIS_URL": "redis://127.0.0.1:6379/0"}, {"DATABASE_URL": "postgresql://127.0.0.1:5432/test"}]
+)
+def test_serve_refuses_replica_settings_without_a_session_secret_and_check_warns(
+    tmp_path: Path, shared: dict[str, str]
+) -> None:
+    """Issue 13: replicas sharing Redis or PostgreSQL must share SESSION_SECRET, or each would seal session ids with
+    a key of its own; `check` says so, and `serve` exits 2 before it listens."""
+    env_file = _env_file(tmp_path, GATEWAY_PORT=str(free_port()), **shared)
+    args = ["--config", str(EXAMPLE_CONFIG), "--env-file", str(env_file)]
+    refused = run(["serve", *args])
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "error: SESSION_SECRET is not set" in refused.stderr
+    checked = run(["check", *args])
+    assert ("warning", "env SESSION_SECRET") in problems(checked.stderr)
+    with_secret = run(["check", *args], env={"SESSION_SECRET": "a-session-secret-of-at-least-32-bytes!"})
+    assert ("warning", "env SESSION_SECRET") not in problems(with_secret.stderr)

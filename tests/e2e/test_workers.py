@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.backends import running_backend
+from tests.support.backends import BACKEND_SESSION_ID, running_backend
 from tests.support.gateway import gateway_config, gateway_process, psk_backend
 
 pytestmark = pytest.mark.slow
@@ -63,3 +63,40 @@ async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> N
                 await asyncio.sleep(0)
             assert totals == {sent}
             assert len(replicas(database)) == 2  # both workers served, each writing its own audit rows
+
+
+SESSION_REQUESTS = 200
+INITIALIZE = json.dumps(
+    {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}}
+)
+
+
+async def test_a_session_continues_on_any_of_four_workers_without_shared_state(tmp_path: Path) -> None:
+    """Issue 13: no Redis, no SESSION_SECRET: the workers seal and open session ids with the key the first of them
+    generated into DATA_DIR, so a session begun on one worker continues on every other."""
+    database, data = tmp_path / "audit.db", tmp_path / "data"
+    async with running_backend() as backend:
+        config = gateway_config(a=psk_backend(backend.url("/mcp"), "/a"))
+        settings = {"DATABASE_URL": f"sqlite:///{database}", "DATA_DIR": str(data)}
+        with gateway_process(config, settings=settings, workers=4) as gateway:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(gateway.url("/a"), data=INITIALIZE, headers=HEADERS) as response,
+            ):
+                assert response.status == 200
+                session = response.headers["Mcp-Session-Id"]
+            statuses: list[int] = []
+            # Fresh connections, so the kernel spreads them over the workers; some may still be starting when the
+            # first answers, so keep going (bounded) until at least three have served the session.
+            while len(statuses) < MAX_REQUESTS and (len(statuses) < SESSION_REQUESTS or len(replicas(database)) < 3):
+                async with (
+                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                    http.post(gateway.url("/a"), data=BODY, headers={**HEADERS, "Mcp-Session-Id": session}) as answer,
+                ):
+                    statuses.append(answer.status)
+            served_by = replicas(database)
+    assert statuses == [200] * len(statuses) and len(statuses) >= SESSION_REQUESTS
+    assert len(served_by) >= 3, served_by  # the session went on on workers other than the one that began it
+    posts = [r for r in backend.requests if r.method == "POST"][1:]
+    assert [r.headers.get("Mcp-Session-Id") for r in posts] == [BACKEND_SESSION_ID] * len(statuses)
+    assert (data / "session.key").is_file()

@@ -374,7 +374,8 @@ async def test_every_outcome_leaves_exactly_one_row_with_its_fields(database: st
         check(row, answer, "ok", mcp_method="initialize", jsonrpc_id="0", upstream_status=200)
         bob = s.token(BOB)
         answer, row = await request("/partners", bob, headers={"Mcp-Session-Id": session})
-        check(row, answer, "not_found", status=404, backend="partners", **caller(bob, "cursor"), **NO_CREDENTIAL)
+        denied = caller(bob, "cursor")
+        check(row, answer, "session_not_found", status=404, backend="partners", **denied, **NO_CREDENTIAL)
         for path in ("/nowhere", "/healthz", "/readyz", "/metrics", "/.well-known/oauth-protected-resource/partners"):
             method = "POST" if path == "/nowhere" else "GET"
             answer = await send(s.http, s.gateway.url(path), token=alice, body=LIST, method=method)

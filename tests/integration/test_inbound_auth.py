@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDictProxy
 
 from okta_agent_proxy.devkit.okta_emulator import AuthorizationServer, User
-from tests.support.backends import RecordingBackend, running_backend
+from tests.support.backends import BACKEND_SESSION_ID, RecordingBackend, running_backend
 from tests.support.gateway import DEFAULT_KEY, RunningGateway, psk_backend, running_gateway
 from tests.support.okta_faults import FaultyOktaEmulator
 
@@ -335,15 +335,20 @@ async def test_another_user_replaying_a_session_id_gets_404_and_the_backend_neve
         session = headers["Mcp-Session-Id"]
         count = len(s.backend.requests)
         status, body, _ = await s.post("/employees", bob, headers={"Mcp-Session-Id": session})
-        assert status == 404 and body is not None and body["error"] == "not_found"
+        assert status == 404 and body is not None and body["error"] == "session_not_found"
         assert len(s.backend.requests) == count
         assert (await s.post("/employees", alice, headers={"Mcp-Session-Id": session}))[0] == 200
+        assert s.backend.requests[-1].headers["Mcp-Session-Id"] == BACKEND_SESSION_ID
         assert (await s.post("/employees", alice, headers={"Mcp-Session-Id": "never-issued"}))[0] == 404
         async with s.http.delete(
             s.gateway.url("/employees"), headers={"Authorization": f"Bearer {alice}", "Mcp-Session-Id": session}
         ) as response:
             assert response.status == 200
-        assert (await s.post("/employees", alice, headers={"Mcp-Session-Id": session}))[0] == 404
+        # Ending the session is the backend's: the DELETE reached it with its own id.
+        assert (s.backend.requests[-1].method, s.backend.requests[-1].headers["Mcp-Session-Id"]) == (
+            "DELETE",
+            BACKEND_SESSION_ID,
+        )
 
 
 # ---- the IdP's keys unreachable -------------------------------------------------------------------------------

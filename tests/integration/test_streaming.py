@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from okta_agent_proxy.mcp.sessions import NOBODY, SessionSeal, derive_key
 from tests.integration.conftest import SampleBackends
 from tests.integration.sse import MCP_ACCEPT, SseEvent, iter_sse, read_sse
 from tests.support.backends import RecordedRequest, running_backend
@@ -94,8 +95,10 @@ async def test_idle_get_stream_is_not_cut_but_a_silent_post_times_out() -> None:
             late=psk_backend(backend.url("/late-get"), "/late", timeout_seconds=0.5),
             silent=psk_backend(backend.url("/silent"), "/silent", timeout_seconds=0.5),
         )
-        async with running_gateway(config) as gw, aiohttp.ClientSession() as http:
-            get_headers = {"Accept": "text/event-stream", "Mcp-Session-Id": "s-1"}
+        secret = "a-session-secret-for-streaming-tests-0123456789"
+        async with running_gateway(config, settings={"SESSION_SECRET": secret}) as gw, aiohttp.ClientSession() as http:
+            session = SessionSeal([derive_key(secret)]).seal("late", "s-1", NOBODY)  # a GET stream of session s-1
+            get_headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session}
             async with asyncio.timeout(BOUND), http.get(gw.url("/late"), headers=get_headers) as response:
                 assert response.status == 200
                 opened = time.monotonic()
@@ -103,6 +106,7 @@ async def test_idle_get_stream_is_not_cut_but_a_silent_post_times_out() -> None:
             assert [(event.event, event.id) for event in events] == [(None, "late-1")]
             assert events[0].json()["method"] == "notifications/late"
             assert events[0].arrived - opened > 2 * 0.5  # it really was idle for longer than timeout_seconds
+            assert backend.requests[-1].headers["Mcp-Session-Id"] == "s-1"
 
             call = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
             async with asyncio.timeout(BOUND), http.post(gw.url("/silent"), json=call) as response:

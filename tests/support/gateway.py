@@ -120,7 +120,8 @@ def load_config(
     """Write the YAML to `directory/config.yaml` and load it as `serve` would (no `.env`; `settings` win)."""
     path = directory / "config.yaml"
     path.write_text(_yaml_text(config), encoding="utf-8")
-    return load(path, environ=dict(environ or {}), env_file=None, overrides=dict(settings or {}))
+    overrides = {"DATA_DIR": str(directory), **(settings or {})}  # session.key there, never in ./data/
+    return load(path, environ=dict(environ or {}), env_file=None, overrides=overrides)
 
 
 def bound_socket() -> socket.socket:
@@ -233,6 +234,7 @@ def gateway_process(
         base_env = dict(os.environ if env is None else env)
         base_env.setdefault("LOG_LEVEL", "WARNING")
         base_env["DATABASE_URL"] = f"sqlite:///{Path(tmp) / 'audit.db'}"  # never the working directory's ./data/
+        base_env.setdefault("DATA_DIR", tmp)
         base_env.update({name: str(value) for name, value in (settings or {}).items()})
         set_base_url = "GATEWAY_BASE_URL" not in base_env
 

@@ -90,6 +90,14 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
             err=True,
         )
         raise SystemExit(EXIT_CONFIG)
+    if loaded.settings.replicated and loaded.settings.SESSION_SECRET is None:
+        # Replicas sharing Redis or PostgreSQL would each seal session ids with a key of their own (DESIGN.md §4).
+        click.echo(
+            "error: SESSION_SECRET is not set, while REDIS_URL or a PostgreSQL DATABASE_URL suggests several "
+            "replicas: set the same SESSION_SECRET (at least 32 bytes) on every replica",
+            err=True,
+        )
+        raise SystemExit(EXIT_CONFIG)
     if workers == 1:
         _serve_one(config, env_file, host, port, False, migrate)
     else:

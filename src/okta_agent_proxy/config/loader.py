@@ -278,6 +278,9 @@ def check_cross_app_settings(config: GatewayConfig, settings: Settings) -> list[
 
 def check_settings_consistency(settings: Settings) -> list[Problem]:
     problems: list[Problem] = []
+    if settings.replicated and settings.SESSION_SECRET is None:
+        why = "not set, while REDIS_URL or a PostgreSQL DATABASE_URL suggests replicas: serve refuses to start"
+        problems.append(Problem("env SESSION_SECRET", why, "warning"))
     for name in ("OKTA_DOMAIN", "OKTA_ISSUER", "OKTA_JWKS_URI"):
         value = getattr(settings, name)
         if not value:

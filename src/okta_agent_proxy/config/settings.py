@@ -154,6 +154,17 @@ class Settings(BaseSettings):
     )
     AUDIT_ENABLED: bool = Field(True, description="Write an audit row per request (false: no audit writer).")
     REDIS_URL: str | None = Field(None, description="Reserved for shared state across replicas; unused today.")
+    SESSION_SECRET: SecretStr | None = Field(
+        None,
+        description=(
+            "Seals the MCP session ids clients see (at least 32 bytes; the same on every replica). Unset: a key is "
+            "generated into DATA_DIR/session.key, shared by --workers but not by other hosts."
+        ),
+    )
+    SESSION_SECRET_PREVIOUS: SecretStr | None = Field(
+        None, description="A former SESSION_SECRET, still accepted to open session ids (rotation)."
+    )
+    DATA_DIR: str = Field("./data", description="Where the gateway keeps the files it makes (session.key).")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     LOG_FORMAT: Literal["json", "console"] = Field("json", description="json (one object per line) or console.")
 
@@ -161,6 +172,18 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("SESSION_SECRET", "SESSION_SECRET_PREVIOUS")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return value
+
+    @property
+    def replicated(self) -> bool:
+        """Settings that suggest several replicas: shared state in Redis or PostgreSQL."""
+        return bool(self.REDIS_URL) or self.DATABASE_URL.startswith("postgres")
 
     @field_validator("GATEWAY_BASE_URL")
     @classmethod

@@ -183,6 +183,7 @@ class Forwarder:
         stats: RelayStats,
         is_sse: bool,
         answer_id: str | int | None,
+        session_id: str | None,
         on_start: Callable[[], None],
         transform: ResponseTransformer | None = None,
     ) -> int:
@@ -190,7 +191,8 @@ class Forwarder:
         all.
         `public_prefix` is the gateway's URL for this backend route (for `Location`); `is_sse` whether the answer is
         an SSE stream; `answer_id` the JSON-RPC id of the POSTed request, whose response ends what the client is
-        waiting for; `on_start` is called once the headers are out; `transform`, if any, rewrites the body."""
+        waiting for; `session_id` the client's for the backend's session id; `on_start` is called once the headers
+        are out; `transform`, if any, rewrites the body."""
         headers = CIMultiDict(relayed_response_headers(response.headers))
         location = response.headers.get("Location")
         if location is not None:
@@ -200,6 +202,9 @@ class Forwarder:
                 response.close()
                 raise
         headers["X-Request-ID"] = request_id
+        headers.popall("Mcp-Session-Id", None)  # the backend's own id never reaches the client
+        if session_id is not None:
+            headers["Mcp-Session-Id"] = session_id
         if is_sse:
             headers["X-Accel-Buffering"] = "no"
         if transform is not None:

@@ -80,3 +80,13 @@ def parse_message(body: bytes) -> McpMessage:
             version = meta[MODERN_VERSION_KEY]
     kind_: Literal["request", "notification"] = "request" if "id" in document else "notification"
     return McpMessage(kind_, method, message_id, name, version, arguments)
+
+
+STATELESS_VERSION = "2026-07-28"  # the first protocol version without sessions
+
+
+def is_stateless(version_header: str | None, message: McpMessage | None) -> bool:
+    """A request of the stateless era (2026-07-28 on): its version is in the body's `_meta`, or in the header."""
+    if message is not None and message.protocol_version is not None:
+        return message.protocol_version >= STATELESS_VERSION
+    return version_header is not None and version_header >= STATELESS_VERSION
