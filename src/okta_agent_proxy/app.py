@@ -41,6 +41,7 @@ from okta_agent_proxy.store.db import Store, migrate, open_store
 
 log = get_logger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
+AUDIT_GAUGE_SECONDS = 1.0  # how often each process publishes its audit queue's gauges
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
@@ -74,11 +75,22 @@ def edge_checked(edge: Edge, rules: EdgeRules, endpoint: Endpoint) -> Endpoint:
     return checked
 
 
+def publish_audit_gauges(audit: AuditWriter) -> None:
+    AUDIT_QUEUE_DEPTH.set(audit.queue_depth)
+    AUDIT_DROPPED.set(audit.dropped)
+
+
+async def keep_publishing_audit_gauges(audit: AuditWriter, every: float = AUDIT_GAUGE_SECONDS) -> None:
+    """Under `--workers`, a scrape sums every worker's last published gauges: each worker publishes its own."""
+    while True:
+        publish_audit_gauges(audit)
+        await asyncio.sleep(every)
+
+
 def metrics_endpoint(audit: AuditWriter | None) -> Endpoint:
     async def metrics(request: HttpRequest) -> Answer:
         if audit is not None:
-            AUDIT_QUEUE_DEPTH.set(audit.queue_depth)
-            AUDIT_DROPPED.set(audit.dropped)
+            publish_audit_gauges(audit)
         body, content_type = render_metrics()
         return Answer(200, body, {"Content-Type": content_type}, content_type=None)
 
@@ -270,11 +282,14 @@ async def _serve(
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         watcher = asyncio.ensure_future(reloader.watch())
+    gauges = asyncio.ensure_future(keep_publishing_audit_gauges(audit)) if audit is not None else None
     try:
         await stop.wait()
     finally:
         log.info("gateway_stopping")
         if watcher is not None:
             watcher.cancel()
+        if gauges is not None:
+            gauges.cancel()
         for each in reversed(runners):
             await each.cleanup()

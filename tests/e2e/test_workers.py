@@ -21,14 +21,18 @@ REQUESTS = 60
 MAX_REQUESTS = 2000
 
 
-def requests_total(text: str) -> float:
+def requests_total(text: str, family_name: str = "oap_requests", sample_name: str = "oap_requests_total") -> float:
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
-        if family.name == "oap_requests"
+        if family.name == family_name
         for sample in family.samples
-        if sample.name == "oap_requests_total" and sample.labels.get("backend") == "a"
+        if sample.name == sample_name and sample.labels.get("backend") == "a"
     )
+
+
+def durations_counted(text: str) -> float:
+    return requests_total(text, "oap_request_duration_seconds", "oap_request_duration_seconds_count")
 
 
 def replicas(database: Path) -> set[str]:
@@ -37,10 +41,13 @@ def replicas(database: Path) -> set[str]:
 
 
 async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> None:
-    database = tmp_path / "audit.db"
+    database, data = tmp_path / "audit.db", tmp_path / "data"
+    stale = data / "metrics" / "counter_99999.db"  # a crashed run's samples: must not count again
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\0" * 64)
     async with running_backend() as backend:
         config = gateway_config(a=psk_backend(backend.url("/mcp"), "/a"))
-        settings = {"DATABASE_URL": f"sqlite:///{database}"}
+        settings = {"DATABASE_URL": f"sqlite:///{database}", "DATA_DIR": str(data)}
         with gateway_process(config, settings=settings, workers=2) as gateway:
             # Fresh connections each time, so the kernel spreads them over both workers; the second worker may
             # still be starting when the first answers /healthz, so keep going (bounded) until both have served.
@@ -53,16 +60,22 @@ async def test_two_workers_share_the_port_and_their_metrics(tmp_path: Path) -> N
                     assert response.status == 200
                 sent += 1
             assert len({record.headers.get("X-Request-ID") for record in backend.requests}) == sent
-            totals = set()
+            totals, durations = set(), set()
             for _ in range(6):
                 async with (
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
                     http.get(gateway.url("/metrics")) as response,
                 ):
-                    totals.add(requests_total(await response.text()))
+                    text = await response.text()
+                    totals.add(requests_total(text))
+                    durations.add(durations_counted(text))
                 await asyncio.sleep(0)
-            assert totals == {sent}
+            assert totals == {sent} and durations == {sent}  # counters and histograms, summed over both
             assert len(replicas(database)) == 2  # both workers served, each writing its own audit rows
+            # The samples live in DATA_DIR/metrics, one file per worker and kind, emptied of older runs' at start.
+            files = {path.name for path in (data / "metrics").iterdir()}
+            assert stale.name not in files
+            assert len({name for name in files if name.startswith("counter_")}) == 2, files
 
 
 SESSION_REQUESTS = 200

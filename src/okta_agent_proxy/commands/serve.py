@@ -6,7 +6,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -34,14 +34,19 @@ def _serve_workers(
     config: str | None, env_file: str | None, host: str, port: int, workers: int, migrate_store: bool
 ) -> None:
     """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. Migrations run
-    once, here, before they start; metrics are aggregated across them through a shared directory."""
+    once, here, before they start; metrics are summed across them through `DATA_DIR/metrics`, emptied first (a
+    crashed run's samples must not count again), and the session key is made here, so all of them share it."""
+    from okta_agent_proxy.mcp.sessions import session_keys
     from okta_agent_proxy.store.db import migrate
 
+    loaded = load_or_exit(config, env_file)
     if migrate_store:
-        loaded = load_or_exit(config, env_file)
         run_loop(migrate(loaded.settings.DATABASE_URL))
-    metrics_dir = tempfile.mkdtemp(prefix="okta-agent-proxy-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    session_keys(loaded.settings)  # generated now, if it is to be generated, before any worker needs it
+    metrics_dir = Path(loaded.settings.DATA_DIR) / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # inherited by the spawned workers
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_serve_one, args=(config, env_file, host, port, True, False), name=f"worker-{i}")
