@@ -205,29 +205,8 @@ def aiohttp_candidates(calls: int, rounds: int) -> None:
 
 def _event(index: int, mixed: bool) -> AuditEvent:
     """An audit event as the bench sends (pre-shared key, tools/list), or one of a mix of callers and outcomes."""
-    now = datetime.now(UTC)
-    if not mixed:
-        return AuditEvent(
-            now,
-            f"r{index:031d}",
-            "h",
-            "POST",
-            "/mcp",
-            200,
-            "ok",
-            2.5,
-            1.2,
-            "bench",
-            mcp_method="tools/list",
-            jsonrpc_id="1",
-            credential_method="pre-shared-key",
-            upstream_status=200,
-            bytes_in=60,
-            bytes_out=40,
-        )
-    odd = index % 2 == 1
-    return AuditEvent(
-        now,
+    plain = AuditEvent(
+        datetime.now(UTC),
         f"r{index:031d}",
         "h",
         "POST",
@@ -237,20 +216,26 @@ def _event(index: int, mixed: bool) -> AuditEvent:
         2.5,
         1.2,
         "bench",
-        "user" if odd else None,
-        None if index % 3 else "uid",
-        "jti" if odd else None,
-        "agent" if odd else None,
-        None,
-        "tools/call" if odd else "tools/list",
-        "echo" if odd else None,
-        str(index),
-        "cross-app",
-        odd if index % 4 else None,
-        None,
-        200,
-        60,
-        40,
+        mcp_method="tools/list",
+        jsonrpc_id="1",
+        credential_method="pre-shared-key",
+        upstream_status=200,
+        bytes_in=60,
+        bytes_out=40,
+    )
+    if not mixed:
+        return plain
+    odd = index % 2 == 1
+    return plain._replace(
+        user_sub="user" if odd else None,
+        user_uid=None if index % 3 else "uid",
+        token_jti="jti" if odd else None,
+        agent="agent" if odd else None,
+        mcp_method="tools/call" if odd else "tools/list",
+        mcp_name="echo" if odd else None,
+        jsonrpc_id=str(index),
+        credential_method="cross-app",
+        credential_cache_hit=odd if index % 4 else None,
     )
 
 

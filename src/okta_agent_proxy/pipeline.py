@@ -197,11 +197,11 @@ class Pipeline:
             record.step("credential")
             record.credential = None  # a re-exchange that fails must not show the rejected credential
             fresh = await flow.retry(response.status)
-            record.credential = credential if fresh is None else fresh
             if fresh is None:
+                record.credential = credential  # the one the backend refused: no other was fetched
                 break
             response.close()
-            credential = fresh
+            credential = record.credential = fresh
             headers.update(credential.headers)
         response.close()
         agent = caller.agent_name if caller else None

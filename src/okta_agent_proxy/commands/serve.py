@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from okta_agent_proxy.commands.options import EXIT_CONFIG, config_option, env_file_option, load_or_exit, run_loop
+from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.config.settings import is_loopback_host
 from okta_agent_proxy.observability.log_stream import write_all_waiting
 from okta_agent_proxy.observability.logging import configure
@@ -31,15 +32,21 @@ def _serve_one(
 
 
 def _serve_workers(
-    config: str | None, env_file: str | None, host: str, port: int, workers: int, migrate_store: bool
+    loaded: LoadedConfig,
+    config: str | None,
+    env_file: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    migrate_store: bool,
 ) -> None:
-    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. Migrations run
-    once, here, before they start; metrics are summed across them through `DATA_DIR/metrics`, emptied first (a
-    crashed run's samples must not count again), and the session key is made here, so all of them share it."""
+    """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. From the config
+    `serve` loaded (each worker loads it again for itself): migrations run once, here, before they start; metrics
+    are summed across them through `DATA_DIR/metrics`, emptied first (a crashed run's samples must not count again);
+    and the session key is made here, so all of them share it."""
     from okta_agent_proxy.mcp.sessions import session_keys
     from okta_agent_proxy.store.db import migrate
 
-    loaded = load_or_exit(config, env_file)
     if migrate_store:
         run_loop(migrate(loaded.settings.DATABASE_URL))
     session_keys(loaded.settings)  # generated now, if it is to be generated, before any worker needs it
@@ -106,4 +113,4 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
     if workers == 1:
         _serve_one(config, env_file, host, port, False, migrate)
     else:
-        _serve_workers(config, env_file, host, port, workers, migrate)
+        _serve_workers(loaded, config, env_file, host, port, workers, migrate)

@@ -47,7 +47,7 @@ class Caller:
     @property
     def key(self) -> tuple[str, str]:
         """(user, agent), for per-caller limits."""
-        return (self.principal.uid or self.principal.subject, self.agent.name)
+        return (self.user, self.agent.name)
 
 
 @dataclass(frozen=True, slots=True)
