@@ -120,8 +120,12 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
                 checks["store"] = "reachable"
             except Exception:  # any database failure means "not ready", whatever the driver raises
                 checks["store"] = "unreachable"
-        ready = all(value in ("loaded", "fetched", "reachable") for value in checks.values())
-        return json_answer({"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503)
+        if gateway.redis is not None:  # optional: without it each process caches on its own (DESIGN.md §4)
+            checks["redis"] = "reachable" if await gateway.redis.ping() else "degraded"
+        if not all(value in ("loaded", "fetched", "reachable", "degraded") for value in checks.values()):
+            return json_answer({"status": "not ready", "checks": checks}, 503)
+        status = "degraded" if "degraded" in checks.values() else "ready"
+        return json_answer({"status": status, "checks": checks})
 
     async def protected_resource(request: HttpRequest) -> Answer:
         """RFC 9728 §3: the document for `path`, at `/.well-known/oauth-protected-resource{path}`."""

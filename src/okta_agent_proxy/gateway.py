@@ -10,6 +10,8 @@ ends — so a reload drops nothing in flight. A config that does not load is ref
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import socket
 from collections.abc import Coroutine
@@ -37,7 +39,7 @@ from okta_agent_proxy.mcp.sessions import SessionSeal, session_keys
 from okta_agent_proxy.mcp.stream_slots import StreamSlots
 from okta_agent_proxy.observability.audit_log import AuditObserver, AuditSink
 from okta_agent_proxy.observability.logging import get_logger
-from okta_agent_proxy.observability.metrics import JWKS_REFRESHES
+from okta_agent_proxy.observability.metrics import JWKS_REFRESHES, REDIS_ERRORS
 from okta_agent_proxy.observability.request_log import RequestLogObserver
 from okta_agent_proxy.observability.request_metrics import MetricsObserver
 from okta_agent_proxy.outbound import static
@@ -46,10 +48,12 @@ from okta_agent_proxy.outbound.cache import CachingProvider
 from okta_agent_proxy.outbound.cross_app import CrossAppProvider
 from okta_agent_proxy.outbound.discovery import AuthServerDiscovery
 from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
+from okta_agent_proxy.outbound.shared_cache import SharedCredentials, cache_keys
 from okta_agent_proxy.pipeline import Pipeline, Upstream
 from okta_agent_proxy.policy.authz import Decisions
 from okta_agent_proxy.record import Observer, Observers
 from okta_agent_proxy.routing import BackendRouter, RouteTable
+from okta_agent_proxy.store.redis import RedisLink
 
 log = get_logger(__name__)
 
@@ -62,7 +66,12 @@ async def _warm_jwks(validator: OktaTokenValidator) -> None:
 
 
 def credential_provider(
-    name: str, backend: Backend, loaded: LoadedConfig, client: TokenEndpointClient, discovery: AuthServerDiscovery
+    name: str,
+    backend: Backend,
+    loaded: LoadedConfig,
+    client: TokenEndpointClient,
+    discovery: AuthServerDiscovery,
+    shared: SharedCredentials | None = None,
 ) -> CredentialProvider:
     if isinstance(backend, PreSharedKeyBackend):
         return static.pre_shared_key(backend.auth_config)
@@ -77,8 +86,18 @@ def credential_provider(
     return CachingProvider(
         CrossAppProvider(
             name, backend, loaded.config.agents, okta_domain=settings.OKTA_DOMAIN, client=client, discovery=discovery
-        )
+        ),
+        shared=shared,
+        namespace=credential_namespace(backend, loaded.config),
     )
+
+
+def credential_namespace(backend: Backend, config: GatewayConfig) -> str:
+    """What a backend's cached credentials depend on besides their key: its YAML and that of the agents that may
+    reach it, private keys aside (a digest; pydantic masks the secrets it holds anyway)."""
+    agents = {name: agent.model_dump(mode="json", exclude={"private_key"}) for name, agent in config.agents.items()}
+    text = json.dumps([backend.model_dump(mode="json"), agents], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def build_validator(loaded: LoadedConfig, idp_session: aiohttp.ClientSession) -> OktaTokenValidator | None:
@@ -134,6 +153,7 @@ def build_pipeline(
     edge: Edge,
     stream_slots: StreamSlots,
     audit: AuditSink | None = None,
+    shared: SharedCredentials | None = None,
 ) -> Pipeline:
     config: GatewayConfig = loaded.config
     client = TokenEndpointClient(idp_session)
@@ -150,7 +170,7 @@ def build_pipeline(
         decisions=Decisions(),
         upstreams={
             name: Upstream(
-                credential_provider(name, backend, loaded, client, discovery),
+                credential_provider(name, backend, loaded, client, discovery, shared),
                 frozenset(h.lower() for h in backend.forward_headers),
             )
             for name, backend in config.backends.items()
@@ -183,7 +203,13 @@ class Gateway:
         self.validator = build_validator(loaded, self._idp_session)
         self.edge = Edge(loaded.settings)
         self.stream_slots = StreamSlots()  # open streams outlive a reload: counted across generations
-        self._sessions = SessionSeal(session_keys(loaded.settings))
+        keys = session_keys(loaded.settings)
+        self._sessions = SessionSeal(keys)
+        self.redis: RedisLink | None = None
+        self._shared: SharedCredentials | None = None
+        if loaded.settings.REDIS_URL:
+            self.redis = RedisLink(loaded.settings.REDIS_URL, on_error=lambda op: REDIS_ERRORS.labels(op).inc())
+            self._shared = SharedCredentials(self.redis, cache_keys(keys))
         self._background: set[asyncio.Future[None]] = set()
         self.current = self._generation(loaded)
 
@@ -195,7 +221,15 @@ class Gateway:
         pool = UpstreamPool(loaded.config.backends, call_connections=self.settings.max_connections)
         scopes = scopes_by_backend(loaded.config)
         pipeline = build_pipeline(
-            loaded, pool, identity, self._sessions, self._idp_session, self.edge, self.stream_slots, self._audit
+            loaded,
+            pool,
+            identity,
+            self._sessions,
+            self._idp_session,
+            self.edge,
+            self.stream_slots,
+            self._audit,
+            self._shared,
         )
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
 
@@ -205,12 +239,16 @@ class Gateway:
             # Fetch the keys now so the first request does not wait and /readyz turns ready; a failure is retried on
             # demand by the first request that needs a key.
             self._spawn(_warm_jwks(self.validator))
+        if self._shared is not None:
+            self._spawn(self._shared.listen())
 
     async def close(self) -> None:
         for task in self._background:
             task.cancel()
         await self.current.pool.close()
         await self._idp_session.close()
+        if self.redis is not None:
+            await self.redis.close()
 
     async def handle(self, request: HttpRequest) -> Answer | None:
         generation = self.current

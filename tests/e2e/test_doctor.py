@@ -26,6 +26,7 @@ from okta_agent_proxy.keys import generate_rsa_key, load_signing_key, private_pe
 from tests.support.backends import BACKEND_SESSION_ID, RecordingBackend, running_backend
 from tests.support.okta_faults import FaultyOktaEmulator
 from tests.support.processes import free_port
+from tests.support.redis_servers import shared_redis_url
 
 GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AGENT = "wlp_cursor_agent"
@@ -242,3 +243,17 @@ async def test_broken_yaml_exits_2_with_the_problem(tmp_path: Path) -> None:
 def test_a_fix_is_printed_only_under_a_failure() -> None:
     assert ok("issuer jwks", "fine").lines() == ["✓ issuer jwks: fine"]
     assert fail("issuer jwks", "bad", "do this").lines() == ["✗ issuer jwks: bad", "    fix: do this"]
+
+
+async def test_redis_is_checked_when_set_and_its_absence_is_a_warning(tmp_path: Path) -> None:
+    async with setup(tmp_path) as s:
+        s.settings |= {"REDIS_URL": shared_redis_url(), "SESSION_SECRET": "doctor-test-session-secret-0123456789ab"}
+        outcome = await s.doctor()
+        assert outcome.code == 0, outcome.out
+        assert outcome.marks("✓") == ALL_CHECKS | {"redis"}, outcome.out
+
+        s.settings["REDIS_URL"] = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
+        outcome = await s.doctor()
+        assert outcome.code == 0, outcome.out  # the gateway serves without Redis
+        assert "! redis: REDIS_URL does not answer" in outcome.out
+        assert "hunter2-secret" not in outcome.out

@@ -22,9 +22,10 @@ module while each test has its own backend and gateway on loopback ports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ from tests.support.oidc_provider import (
     running_oidc_provider,
 )
 from tests.support.processes import LOOPBACK
+from tests.support.redis_servers import shared_redis_url
 from tests.support.stacks import ec_agent_key
 
 pytestmark = pytest.mark.node
@@ -116,7 +118,7 @@ class ResourceServer:
 class Stack:
     idp: OidcProvider
     backend: ResourceServer
-    gateway: RunningGateway
+    gateways: list[RunningGateway]
     http: aiohttp.ClientSession
     log_start: int
 
@@ -124,15 +126,17 @@ class Stack:
         """The IdP's lines written during this test."""
         return self.idp.log()[self.log_start :]
 
-    async def call(self, token: str) -> tuple[int, dict[str, Any], str | None]:
+    async def call(self, token: str, replica: int = 0) -> tuple[int, dict[str, Any], str | None]:
         headers = {**ACCEPT, "Authorization": f"Bearer {token}"}
-        async with self.http.post(self.gateway.url("/employees"), data=json.dumps(LIST), headers=headers) as response:
+        url = self.gateways[replica].url("/employees")
+        async with self.http.post(url, data=json.dumps(LIST), headers=headers) as response:
             return response.status, await response.json(), response.headers.get("WWW-Authenticate")
 
 
 @asynccontextmanager
-async def stack(idp: OidcProvider) -> AsyncIterator[Stack]:
-    """A validating backend and a gateway whose `employees` backend uses Cross App Access through `idp`."""
+async def stack(idp: OidcProvider, replicas: int = 1, redis_url: str | None = None) -> AsyncIterator[Stack]:
+    """A validating backend and a gateway whose `employees` backend uses Cross App Access through `idp` — or several
+    such gateways sharing `redis_url` (and a SESSION_SECRET), as replicas do."""
     backend = ResourceServer(idp.target_issuer)
     app = web.Application()
     app.router.add_post("/mcp", backend.mcp)
@@ -161,11 +165,14 @@ async def stack(idp: OidcProvider) -> AsyncIterator[Stack]:
             "OKTA_ISSUER": idp.issuer,
             "OKTA_AUDIENCE": f"{AGENT_RESOURCE},{OTHER_RESOURCE}",
         }
-        async with (
-            running_gateway(config, settings=settings) as gateway,
-            aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
-        ):
-            yield Stack(idp, backend, gateway, http, len(idp.log()))
+        if redis_url is not None:
+            settings |= {"REDIS_URL": redis_url, "SESSION_SECRET": "replicas-share-this-session-secret-0123456789"}
+        async with AsyncExitStack() as running:
+            gateways = [
+                await running.enter_async_context(running_gateway(config, settings=settings)) for _ in range(replicas)
+            ]
+            http = await running.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
+            yield Stack(idp, backend, gateways, http, len(idp.log()))
     finally:
         await runner.cleanup()
 
@@ -221,3 +228,15 @@ async def test_client_without_a_delegation_link_is_refused_by_policy(idp: OidcPr
         assert (status, body.get("error")) == (403, "token_exchange_failed"), body
         assert s.backend.tokens_seen == []
         assert any("grant.error: access_denied" in line for line in s.new_log()), s.new_log()
+
+
+async def test_thirty_simultaneous_first_requests_over_three_replicas_make_one_exchange(idp: OidcProvider) -> None:
+    """Three gateways sharing Redis: one ID-JAG issued and redeemed at the third-party IdP, whichever replica each of
+    30 simultaneous first requests of one caller reaches."""
+    async with stack(idp, replicas=3, redis_url=shared_redis_url()) as s:
+        caller_token = await idp.token(CALLER.client_id, AGENT_RESOURCE, scope="mcp:read")
+        results = await asyncio.gather(*(s.call(caller_token, replica=i % 3) for i in range(30)))
+        assert [status for status, _, _ in results] == [200] * 30, s.new_log()
+        assert sum("id-jag issued" in line for line in s.new_log()) == 1, s.new_log()
+        assert sum("id-jag redeemed" in line for line in s.new_log()) == 1
+        assert len(set(s.backend.tokens_seen)) == 1

@@ -3,7 +3,7 @@
 Each check prints one line, `✓ <check>: <what was seen>` or `✗ <check>: <what is wrong>` followed by `  fix: …`
 (`! config: …` for a configuration warning, `○ <check>: …` for what cannot be verified from here). The check names
 are stable: `config`, `issuer metadata`, `issuer jwks`, `backend NAME mcp`, `backend NAME authorization server`,
-`agent NAME key`, `agent NAME key at okta`. Exit 0 when nothing failed, 1 when a check failed, 2 when the
+`agent NAME key`, `agent NAME key at okta`, `redis` (with `REDIS_URL`). Exit 0 when nothing failed, 1 when a check failed, 2 when the
 configuration does not load (as `check`).
 
 This module loads the configuration, runs the probes (`doctor_probes.py`) concurrently on one aiohttp session, each
@@ -24,6 +24,7 @@ from okta_agent_proxy.commands.doctor_probes import (
     check_backend_as,
     check_backend_mcp,
     check_issuer,
+    check_redis,
     fail,
     ok,
     skip,
@@ -82,6 +83,8 @@ async def run_checks(loaded: LoadedConfig, timeout: float) -> list[Result]:
             results += [mcp_result, by_name[name][0]] if name in by_name else [mcp_result]
         targets = {name: info for name, (_, info) in by_name.items() if info is not None}
         results += await check_agents(client, loaded, cross_app, targets)
+    if settings.REDIS_URL:
+        results.append(await check_redis(settings.REDIS_URL, timeout))
     return results
 
 

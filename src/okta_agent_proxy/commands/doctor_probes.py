@@ -10,6 +10,8 @@ will ask it, and returns a `Result` (`commands/doctor.py` runs them, prints them
   signed with the agent's key and carrying a dummy subject token. Okta authenticates the client first, so
   `invalid_client` means the key (or `kid`) is not the one registered, and a refusal of the subject token means it
   is; the request cannot succeed, and only uses up one assertion `jti`.
+- `check_redis`: whether `REDIS_URL` answers PING; a warning, not a failure, when it does not: the gateway serves
+  without it (DESIGN.md §4).
 
 What a result never holds: secrets, keys, tokens, response bodies.
 """
@@ -24,6 +26,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from okta_agent_proxy import __version__
 from okta_agent_proxy.config.models import Agent, Backend, CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend
@@ -92,6 +96,22 @@ def _appended(url: str, suffix: str) -> str:
 def _inserted(url: str, suffix: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}/.well-known/{suffix}{parts.path.rstrip('/')}"
+
+
+# ---- redis
+
+
+async def check_redis(url: str, timeout: float) -> Result:
+    client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        await client.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        detail = f"REDIS_URL does not answer ({type(exc).__name__}): each process will cache credentials on its own"
+        return Result("redis", "warn", detail)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await client.aclose()
+    return ok("redis", "REDIS_URL answers: replicas share the credential cache")
 
 
 # ---- issuer

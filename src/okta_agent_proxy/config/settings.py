@@ -153,7 +153,13 @@ class Settings(BaseSettings):
         description="Audit and config store: sqlite:///path or postgresql://… (the async driver is chosen for you).",
     )
     AUDIT_ENABLED: bool = Field(True, description="Write an audit row per request (false: no audit writer).")
-    REDIS_URL: str | None = Field(None, description="Reserved for shared state across replicas; unused today.")
+    REDIS_URL: str | None = Field(
+        None,
+        description=(
+            "redis://, rediss:// or unix:// URL: the backend-credential cache and its single-flight shared by "
+            "replicas (needs SESSION_SECRET). Down: each process caches on its own; requests still succeed."
+        ),
+    )
     SESSION_SECRET: SecretStr | None = Field(
         None,
         description=(
@@ -179,6 +185,13 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes")
         return value
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value or None
 
     @property
     def replicated(self) -> bool:

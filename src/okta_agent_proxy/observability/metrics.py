@@ -49,6 +49,12 @@ CONNECTIONS_CLOSED = Counter(
     "MAX_CONNECTIONS (evicted, refused).",
     ["reason"],
 )
+REDIS_ERRORS = Counter(
+    "oap_redis_errors",
+    "Redis commands that failed or were too slow (the request carried on without Redis), and values in Redis that "
+    "did not open (operation=open), by operation.",
+    ["operation"],
+)
 OPEN_STREAMS = Gauge("oap_open_sse_streams", "SSE responses being relayed right now.", multiprocess_mode="livesum")
 
 
