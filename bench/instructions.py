@@ -1,12 +1,17 @@
 """Instructions per request, counted by valgrind's callgrind: the one figure the machine's load cannot move.
 
-    .venv/bin/python bench/instructions.py [--baseline REV] [--parts plain,jwt] [--seconds 20]
+    .venv/bin/python bench/instructions.py [--baseline REV] [--parts plain,jwt,sessions,cross-app,cross-app-redis]
+                                           [--seconds 20] [--redis-url redis://127.0.0.1:6379/0]
 
 Each gateway (this checkout's, and with `--baseline` that revision's, built as `proxy_overhead.py` builds it) runs
 under callgrind with counting off; after a warm-up, counting is switched on for one wrk run (8 connections) against
 the bench's nginx backend, then off, and the instructions of all the gateway's threads are divided by the requests
 wrk completed. User space only: the kernel's share (sockets, log writes) is not in the count. Valgrind runs the
 gateway ~50x slower, so the run serves a few hundred requests; the count per request is stable to about 0.5 %.
+`sessions` is jwt with every request continuing one MCP session, as the bench's `sessions` part (`session_load.py`):
+with `--baseline b6b678e`, sealed session ids against the in-process binding table. `cross-app` and
+`cross-app-redis` are the `redis` part's targets (an `okta-cross-app` backend, without and with `REDIS_URL`): after
+the probe's exchange every request is a credential cache hit.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from pathlib import Path
 
 from processes import BenchError, Service, ensure_tools, free_port, services, wait_ready
 from revisions import Revision, current_revision, prepare_baseline
-from targets import PSK_VALUE, gateway_config, nginx_config, probe, start_idp
+from session_load import open_session
+from targets import PSK_VALUE, SESSION_SECRET, Target, gateway_config, nginx_config, probe, start_idp
 from wrk_runner import REQUEST_HEADERS, Wrk, wrk_script
 
 VALGRIND_START_SECONDS = 180.0
-PARTS = ("plain", "jwt")
+PARTS = ("plain", "jwt", "sessions", "cross-app", "cross-app-redis")
+IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis"}
+DEFAULT_REDIS_URL = os.environ.get("OAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def callgrind_total(out_files: Sequence[Path]) -> int:
@@ -41,7 +49,14 @@ def callgrind_total(out_files: Sequence[Path]) -> int:
 
 
 def measure(
-    revision: Revision, part: str, workdir: Path, backend_port: int, wrk: Wrk, seconds: float, idp: dict[str, str]
+    revision: Revision,
+    part: str,
+    workdir: Path,
+    backend_port: int,
+    wrk: Wrk,
+    seconds: float,
+    idp: dict[str, str],
+    redis_url: str = DEFAULT_REDIS_URL,
 ) -> tuple[int, int]:
     """(instructions, requests) of one run of `revision`'s gateway in configuration `part`."""
     out_dir = workdir / f"callgrind-{revision.label}-{part}"
@@ -55,11 +70,17 @@ def measure(
         "BENCH_PSK": PSK_VALUE,
         "AUDIT_ENABLED": "false",
         "DATABASE_URL": f"sqlite:///{workdir / f'{revision.label}-{part}.db'}",
+        "DATA_DIR": str(workdir / f"{revision.label}-{part}-data"),  # session.key: not in the cwd
     }
-    if part == "jwt":
+    if part in IDP_PARTS:
         env |= {"OKTA_ISSUER": idp["issuer"], "OKTA_AUDIENCE": idp["audience"], "OKTA_JWKS_URI": idp["jwks_uri"]}
-        config.write_text(gateway_config(backend_port, idp["client_id"]))
+        backend = {"sessions": "sessions", "cross-app": "cross-app", "cross-app-redis": "cross-app"}.get(part, "psk")
+        config.write_text(gateway_config(backend_port, idp["client_id"], backend=backend, idp=idp))
         headers["Authorization"] = f"Bearer {idp['token']}"
+        if backend == "cross-app":  # as the bench's GatewayLauncher sets them
+            env |= {"OKTA_DOMAIN": idp["org"], "SESSION_SECRET": SESSION_SECRET}
+        if part == "cross-app-redis":
+            env["REDIS_URL"] = redis_url
     else:
         config.write_text(gateway_config(backend_port))
     script = workdir / f"{part}.lua"
@@ -94,6 +115,10 @@ def measure(
                     raise
         url = f"http://127.0.0.1:{port}/mcp"
         probe(service, url, headers)
+        if part == "sessions":  # every request from here on continues the session initialized now
+            target = Target(service.name, service, url, script, headers)
+            open_session(target, workdir)
+            script = target.script
         wrk.run("warm-up", url, script, 8, 3)
         pid = str(service.process.pid)
         subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
@@ -110,8 +135,11 @@ def measure(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default=None, help="a git revision to count beside this checkout")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"configurations, of {', '.join(PARTS)}")
+    parser.add_argument(
+        "--parts", default="plain,jwt", help=f"configurations, of {', '.join(PARTS)} (default: plain,jwt)"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of counted load per run (default 20)")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL of the cross-app-redis part")
     parser.add_argument("--keep", type=Path, default=None, help="copy the callgrind dumps here (callgrind_annotate)")
     options = parser.parse_args(argv)
     parts = [p for p in options.parts.split(",") if p]
@@ -130,25 +158,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = Service("nginx", nginx_command, workdir)
         started.append(backend)
         wait_ready(backend, f"http://127.0.0.1:{backend_port}/")
-        idp = start_idp(workdir, started, []) if "jwt" in parts else {}
+        idp = start_idp(workdir, started, []) if IDP_PARTS & set(parts) else {}
         counts: dict[tuple[str, str], float] = {}
         for part in parts:
             for revision in revisions:
-                instructions, requests = measure(revision, part, workdir, backend_port, wrk, options.seconds, idp)
+                instructions, requests = measure(
+                    revision, part, workdir, backend_port, wrk, options.seconds, idp, options.redis_url
+                )
                 counts[(revision.label, part)] = instructions / requests
                 if options.keep is not None:
                     shutil.copytree(
                         workdir / f"callgrind-{revision.label}-{part}", options.keep / f"{revision.label}-{part}"
                     )
                 print(
-                    f"{part:6} {revision.label:9} {revision.describe:24} {instructions / requests / 1000:8.1f} k "
+                    f"{part:15} {revision.label:9} {revision.describe:24} {instructions / requests / 1000:8.1f} k "
                     f"instructions/request ({requests} requests)",
                     flush=True,
                 )
         if options.baseline:
             print("\nratio current / baseline (instructions per request; < 1 is fewer):")
             for part in parts:
-                print(f"  {part:6} {counts[('current', part)] / counts[('baseline', part)]:.3f}")
+                print(f"  {part:15} {counts[('current', part)] / counts[('baseline', part)]:.3f}")
     return 0
 
 

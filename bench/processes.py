@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from email.message import Message
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def machine() -> dict[str, Any]:
         "revision": git_describe() or "?",
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "usable cores": len(os.sched_getaffinity(0)),  # the affinity set: what this process may run on
         "os": platform.platform(),
         "python": platform.python_version(),
         **versions,
@@ -184,13 +186,21 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never 
 
 
 def http(method: str, url: str, body: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    status, _, text = http_exchange(method, url, body, headers)
+    return status, text
+
+
+def http_exchange(
+    method: str, url: str, body: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Message, str]:
+    """One request: the status, the response headers and the body."""
     data = body.encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with _DIRECT.open(request, timeout=5) as response:
-            return int(response.status), response.read().decode(errors="replace")
+            return int(response.status), response.headers, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode(errors="replace")
+        return error.code, error.headers, error.read().decode(errors="replace")
 
 
 def wait_ready(service: Service, url: str) -> None:

@@ -12,7 +12,15 @@ Targets, all on 127.0.0.1 and all in front of the same fixed-JSON backend (nginx
   on every request: validated, then cached;
 - gateway audit=sqlite / audit=postgresql: the gateway with its audit writer on (a SQLite file; a scratch
   database on the PostgreSQL server, created and dropped by the bench);
-- gateway --workers N (extra line, default N=2; `--workers 0` skips it): N processes on one port, compared with the
+- gateway sessions (`sessions` part): the jwt gateway in front of a backend that answers every request with its
+  `Mcp-Session-Id`; after one `initialize`, every request carries the session id the gateway gave the client
+  (`bench/session_load.py`). With `--baseline b6b678e` (the last revision with the in-process binding table) it is the
+  cost of sealed session ids (issue 13: >= 0.97);
+- gateway cross-app / cross-app redis (`redis` part): the jwt gateway with an `okta-cross-app` backend (ID-JAG and
+  access token from the IdP), without and with `REDIS_URL`; after the first request every credential is a cache hit,
+  which the gateway's /metrics and the IdP's counters must confirm (`bench/cross_app.py`; issue 13: on/off >= 0.97);
+- gateway --workers N (extra line, default N=2; `--workers 0` skips it): N processes on one port, measured in each
+  round right beside the one-process gateway (their ratio, with the machine's core count), and compared with the
   one-process bare proxy.
 
 Load comes from wrk (POST, MCP `tools/list` body, a Lua `done` hook printing the numbers). The targets are measured
@@ -40,8 +48,8 @@ gateway target twice, the two revisions one right after the other in each round 
 the report adds every figure as a ratio, this revision / baseline: the median of the per-round ratios, with their
 spread. `--baseline HEAD` compares the code with itself, which shows the noise floor of the machine.
 
-Usage: ./run bench [--parts core,jwt,audit,latency,workers] [--rounds 3] [--duration 5] [--json out.json]
-                   [--baseline REV]
+Usage: ./run bench [--parts core,jwt,audit,latency,workers,sessions,redis] [--rounds 3] [--duration 5]
+                   [--json out.json] [--baseline REV] [--redis-url redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -52,21 +60,26 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from audit_stores import ScratchPostgres, check_audit_rows, create_scratch_databases
 from baseline_report import print_baseline_report
+from cross_app import check_exchanges, idp_counts, redis_unusable
 from processes import HERE, BenchError, Service, ensure_tools, free_port, machine, services, tool_version, wait_ready
-from report import AUDIT_DATABASES, ISSUE_ADDED_MS, RevisionRuns, print_report
+from report import AUDIT_DATABASES, ISSUE_ADDED_MS, WORKERS_KEY, RevisionRuns, print_report
 from revisions import Revision, current_revision, prepare_baseline
+from session_load import describe as describe_session
+from session_load import open_session
 from targets import GatewayLauncher, Measurer, Target, nginx_config, probe, start_idp, verify_microbench
 from wrk_runner import REQUEST_HEADERS, Run, Wrk
 
-PARTS = ("core", "jwt", "audit", "latency", "workers")
+PARTS = ("core", "jwt", "audit", "latency", "workers", "sessions", "redis")
+IDP_PARTS = {"jwt", "sessions", "redis"}  # parts whose targets validate a caller token from the IdP
 DEFAULT_POSTGRES_URL = os.environ.get("OAP_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+DEFAULT_REDIS_URL = os.environ.get("OAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 T = TypeVar("T")
 
 
@@ -85,6 +98,7 @@ class Options:
     postgres_url: str
     json_path: Path | None
     baseline: str | None = None
+    redis_url: str = DEFAULT_REDIS_URL
 
 
 def _choices(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
@@ -103,7 +117,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=PARTS,
         help="what to measure, comma-separated (default: all of " + ",".join(PARTS) + "). core: nginx direct, bare, "
         "gateway at INFO and WARNING; jwt: gateway with a JWT + the RS256 microbenchmark; audit: audit on/off; "
-        "latency: c=1; workers: serve --workers N",
+        "latency: c=1; workers: serve --workers N beside one worker; sessions: every request continues an MCP "
+        "session (sealed ids vs --baseline b6b678e's binding table); redis: a cross-app backend's cached credential "
+        "with and without REDIS_URL",
     )
     parser.add_argument(
         "--audit-db",
@@ -117,6 +133,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=DEFAULT_POSTGRES_URL,
         help="a PostgreSQL database the bench may connect to and create a scratch database from "
         "(default: $OAP_TEST_POSTGRES_URL or postgresql://127.0.0.1:5432/test)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="REDIS_URL of the redis part's second target (default: $OAP_TEST_REDIS_URL or redis://127.0.0.1:6379/0; "
+        "unreachable: that target is skipped with a warning)",
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run (default 5)")
     parser.add_argument("--latency-duration", type=float, default=5.0, help="seconds per c=1 run (default 5)")
@@ -166,6 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         postgres_url=args.postgres_url,
         json_path=args.json_path,
         baseline=args.baseline,
+        redis_url=args.redis_url,
     )
 
 
@@ -197,6 +220,41 @@ def measure_verify(revisions: Sequence[Revision], runs: dict[str, RevisionRuns],
                 f"{verify['jwt_decode_rs256_us']:.0f} us), cached validate {verify['cached_validate_us']:.1f} us/op",
                 flush=True,
             )
+
+
+def measure_workers(
+    options: Options,
+    gateways: Sequence[Target],
+    gateway: Sequence[Target],
+    both: Callable[..., list[Target]],
+    measurer: Measurer,
+    by_revision: dict[str, RevisionRuns],
+    rounds: int,
+    compared: bool,
+) -> None:
+    """`serve --workers N` of each revision beside its one-process gateway, one right after the other in each round
+    (which goes first alternates), so their ratio is taken at one moment of the machine's speed."""
+    kept = {id(target) for target in gateway}
+    for target in gateways:
+        if id(target) not in kept:
+            target.service.stop()  # idle event loops would otherwise share the cores with the workers
+    n = options.workers
+    print(f"\nextra: gateway --workers {n} beside the one-process gateway (the bare proxy is one process)", flush=True)
+    workers = both(f"gateway --workers {n}", workers=n)
+    for target in workers:
+        wait_ready(target.service, target.ready_url)
+        probe(target.service, target.url, target.headers)
+    for target in [*gateway, *workers]:
+        measurer.warm(target)
+    pairs = list(zip(gateway, workers, strict=True))
+    for i in range(rounds):
+        mark = f" #{i + 1}" if compared else ""
+        for single, many in alternate(pairs, i):
+            entry: dict[str, Run] = {}
+            for target, key in alternate([(single, "gateway"), (many, WORKERS_KEY)], i):
+                label = f"{target.name} (1 worker){mark}" if key == "gateway" else f"{target.name}{mark}"
+                entry[key] = measurer.measure(target, options.connections, options.duration, label)
+            by_revision["baseline" if single.baseline else "current"].worker_rounds.append(entry)
 
 
 def bench(options: Options) -> dict[str, Any]:
@@ -244,9 +302,13 @@ def bench(options: Options) -> dict[str, Any]:
             measurer = Measurer(Wrk(wrk_path, options.threads, load_pin), started, options.warmup)
             measure = measurer.measure
 
+            # The IdP, for the targets with a caller token; first, so the backend can refuse that token.
+            idp_facts = start_idp(workdir, started, load_pin) if parts & IDP_PARTS else None
+
             # The backend.
             nginx_port = free_port()
-            (workdir / "nginx.conf").write_text(nginx_config(workdir, nginx_port))
+            caller_token = idp_facts["token"] if idp_facts is not None else None
+            (workdir / "nginx.conf").write_text(nginx_config(workdir, nginx_port, caller_token))
             nginx_command = [*load_pin, nginx_path, "-p", str(workdir), "-c", str(workdir / "nginx.conf")]
             nginx = Service("nginx", [*nginx_command, "-e", str(workdir / "nginx-error.log")], workdir)
             started.append(nginx)
@@ -256,13 +318,10 @@ def bench(options: Options) -> dict[str, Any]:
             launcher = GatewayLauncher(workdir, started, nginx_port, proxy_pin, postgres)
             direct = Target("nginx direct", nginx, nginx_url + "/mcp", launcher.plain_script, REQUEST_HEADERS)
 
-            # The IdP, for the JWT target.
-            idp_facts = start_idp(workdir, started, load_pin) if "jwt" in parts else None
-
             # The proxies under test, started together, then checked one by one. A slot holds one target, or a
             # gateway target and its baseline twin.
             bare: Target | None = None
-            if parts & {"core", "jwt", "latency"}:
+            if parts & {"core", "jwt", "latency", "sessions"}:
                 bare_port = free_port()
                 bare_command = [sys.executable, str(HERE / "bare_proxy.py"), str(bare_port), nginx_url]
                 bare_service = Service("bare", [*proxy_pin, *bare_command], workdir)
@@ -274,28 +333,57 @@ def bench(options: Options) -> dict[str, Any]:
             def both(key: str, **kwargs: Any) -> list[Target]:
                 return [launcher.start(key, revision, **kwargs) for revision in revisions]
 
-            gateway = both("gateway") if parts & {"core", "audit", "latency"} else []
+            gateway = both("gateway") if parts & {"core", "audit", "latency", "workers"} else []
             audit_targets = [both(f"gateway audit={db}", audit=db) for db in audit_databases]
-            jwt_target = both("gateway jwt", idp=idp_facts) if idp_facts is not None else []
-            # The JWT target's requests carry an ~850-byte token: the bare proxy gets the same requests too, so that
-            # the JWT ratio measures what the gateway adds, not what receiving a bigger request costs any proxy.
-            bare_jwt = None
-            if bare is not None and jwt_target:
-                jwt_script, jwt_headers = jwt_target[0].script, jwt_target[0].headers
-                bare_jwt = Target("bare jwt-request", bare.service, bare.url, jwt_script, jwt_headers)
+            jwt_target = both("gateway jwt", idp=idp_facts) if "jwt" in parts else []
             quiet = both("gateway log=WARNING", log_level="WARNING") if "core" in parts else []
-            gateways = [t for slot in (gateway, *audit_targets, jwt_target, quiet) for t in slot]
+            session_target = both("gateway sessions", idp=idp_facts, backend="sessions") if "sessions" in parts else []
+            cross_app = both("gateway cross-app", idp=idp_facts, backend="cross-app") if "redis" in parts else []
+            cross_app_redis: list[Target] = []
+            if "redis" in parts:
+                unusable = redis_unusable(options.redis_url)
+                if unusable is None:
+                    cross_app_redis = both(
+                        "gateway cross-app redis", idp=idp_facts, backend="cross-app", redis_url=options.redis_url
+                    )
+                else:
+                    print(
+                        f"bench: warning: Redis at {options.redis_url} is not usable ({unusable}); skipping the "
+                        "REDIS_URL target",
+                        file=sys.stderr,
+                    )
+            gateways = [
+                t
+                for slot in (gateway, *audit_targets, jwt_target, quiet, session_target, cross_app, cross_app_redis)
+                for t in slot
+            ]
             for target in ([bare] if bare is not None else []) + gateways:
                 wait_ready(target.service, target.ready_url)
                 probe(target.service, target.url, target.headers)
+            notes: list[str] = []
+            for target in session_target:
+                session = open_session(target, workdir)
+                notes.append(f"{target.name}: the client's Mcp-Session-Id is {describe_session(session)}")
+            exchanges_before = None
+            if idp_facts is not None and cross_app:
+                exchanges_before = idp_counts(idp_facts["counts_url"])  # the probes made each gateway exchange once
+
+            # Targets whose requests carry more than the plain one (an ~850-byte token; a session id) are compared
+            # with the bare proxy sent the same requests, so a ratio measures what the gateway adds, not what
+            # receiving a bigger request costs any proxy.
+            bare_jwt = bare_sessions = None
+            if bare is not None and jwt_target:
+                jwt_script, jwt_headers = jwt_target[0].script, jwt_target[0].headers
+                bare_jwt = Target("bare jwt-request", bare.service, bare.url, jwt_script, jwt_headers)
+            if bare is not None and session_target:
+                session_script, session_headers = session_target[0].script, session_target[0].headers
+                bare_sessions = Target("bare session-request", bare.service, bare.url, session_script, session_headers)
 
             c = options.connections
-            slots = [[t] for t in (bare, bare_jwt) if t is not None] + [s for s in (gateway, *audit_targets) if s]
-            slots += [s for s in (jwt_target, quiet) if s]
-            if "core" not in parts and "jwt" not in parts:
-                slots = [s for s in slots if s[0] is not bare]
-            if "core" not in parts and not audit_targets:
-                slots = [s for s in slots if s is not gateway]
+            slots = [[bare]] if bare is not None and parts & {"core", "jwt"} else []
+            slots += [[t] for t in (bare_jwt, bare_sessions) if t is not None]
+            slots += [gateway] if gateway and ("core" in parts or audit_targets) else []
+            slots += [s for s in (*audit_targets, jwt_target, quiet, session_target, cross_app, cross_app_redis) if s]
             print(f"\nthroughput: wrk -t{options.threads} -c{c} -d{options.duration:g}s, POST tools/list", flush=True)
             if "core" in parts:
                 measurer.warm(direct)
@@ -313,6 +401,9 @@ def bench(options: Options) -> dict[str, Any]:
                         for label, runs in by_revision.items():
                             if len(slot) == 1 or target.baseline == (label == "baseline"):
                                 runs.rounds[-1][target.key] = run
+            if exchanges_before is not None and idp_facts is not None:
+                exchanges_after = idp_counts(idp_facts["counts_url"])
+                notes += check_exchanges(exchanges_before, exchanges_after, cross_app + cross_app_redis)
 
             if "latency" in parts and bare is not None and gateway:
                 print(f"\nlatency: wrk -t1 -c1 -d{options.latency_duration:g}s", flush=True)
@@ -330,26 +421,16 @@ def bench(options: Options) -> dict[str, Any]:
             drops = {t.name: sum(r.audit_dropped or 0 for r in t.runs) for slot in audit_targets for t in slot}
 
             if "workers" in parts:
-                for target in gateways:
-                    target.service.stop()  # idle event loops would otherwise share the cores with the workers
-                print(f"\nextra: gateway --workers {options.workers} (the bare proxy is one process)", flush=True)
-                workers = both(f"gateway --workers {options.workers}", workers=options.workers)
-                for target in workers:
-                    wait_ready(target.service, target.ready_url)
-                    probe(target.service, target.url, target.headers)
-                    measurer.warm(target)
-                for i in range(extra_rounds):
-                    for target in alternate(workers, i):
-                        name = f"{target.name} #{i + 1}" if compared else None
-                        run = measure(target, c, options.duration, name)
-                        by_revision["baseline" if target.baseline else "current"].workers.append(run)
+                measure_workers(options, gateways, gateway, both, measurer, by_revision, extra_rounds, compared)
     finally:
         for database in postgres.values():
             database.drop()
 
     current = by_revision["current"]
     direct_run = direct.runs[0] if direct.runs else None
-    found = print_report(info, measurer.runs, round_runs, current, direct_run, audit_rows, drops, options.workers)
+    found = print_report(
+        info, measurer.runs, round_runs, current, direct_run, audit_rows, drops, options.workers, notes
+    )
     result = {
         "machine": info,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
@@ -360,6 +441,7 @@ def bench(options: Options) -> dict[str, Any]:
         "token_validation": current.verify_median(),
         "audit_rows": audit_rows,
         "audit_dropped": drops,
+        "checks": notes,
     }
     if compared:
         baseline = revisions[1]

@@ -8,6 +8,7 @@ slowdown of a shared VM, invisible in steal time, disturbs less). Missing a spee
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ CORE_RATIO = 0.85  # issue 2: gateway / bare req/s
 JWT_RATIO = 0.8  # issue 3: gateway with a JWT on every request / bare
 AUDIT_RATIO = 0.9  # issue 5: audit on / audit off (audit costs at most 10%)
 ISSUE_ADDED_MS = 1.0  # issue 2: added median latency at c=1
+REDIS_RATIO = 0.97  # issue 13: cross-app credential cache hits with REDIS_URL / without
+SESSIONS_RATIO = 0.97  # issue 13: sealed session ids / the in-process binding table (this revision / b6b678e)
+WORKERS_KEY = "gateway --workers"  # in a workers round, beside "gateway": the one-process gateway
 NOISY_CORES = 0.2  # other work on the machine above this (in cores) makes a run's req/s unreliable
 AUDIT_DATABASES = ("sqlite", "postgresql")
 
@@ -29,8 +33,15 @@ class RevisionRuns:
 
     rounds: list[dict[str, Run]] = field(default_factory=list)  # per round: target key -> run
     latency: list[tuple[Run, Run]] = field(default_factory=list)  # per c=1 round: (bare, gateway)
-    workers: list[Run] = field(default_factory=list)  # `serve --workers N`, one per round measured
+    # Per workers round: `serve --workers N` (WORKERS_KEY) and the one-process gateway ("gateway"), one right
+    # after the other.
+    worker_rounds: list[dict[str, Run]] = field(default_factory=list)
     verify: list[dict[str, Any]] = field(default_factory=list)  # bench/jwt_verify.py's figures, one per round
+
+    @property
+    def workers(self) -> list[Run]:
+        """The `serve --workers N` runs, one per workers round."""
+        return [r[WORKERS_KEY] for r in self.worker_rounds if WORKERS_KEY in r]
 
     def added_ms(self) -> float | None:
         """Gateway p50 − bare p50 at c=1, the median over the latency rounds."""
@@ -113,8 +124,35 @@ def figures_of_merit(rounds: Sequence[dict[str, Run]]) -> list[Comparison]:
             compare(rounds, f"audit={db} on / off", f"gateway audit={db}", "gateway", AUDIT_RATIO, "issue 5")
             for db in AUDIT_DATABASES
         ),
+        compare(rounds, "gateway sessions / bare (same request)", "gateway sessions", "bare session-request", None, ""),
+        compare(rounds, "gateway sessions / gateway jwt", "gateway sessions", "gateway jwt", None, "session cost"),
+        compare(
+            rounds,
+            "cross-app REDIS_URL on / off",
+            "gateway cross-app redis",
+            "gateway cross-app",
+            REDIS_RATIO,
+            "issue 13",
+        ),
     ]
     return [comparison for comparison in comparisons if comparison is not None]
+
+
+def workers_comparison(worker_rounds: Sequence[dict[str, Run]], workers: int) -> Comparison | None:
+    """`serve --workers N` over the one-process gateway measured right beside it, round by round."""
+    return compare(worker_rounds, f"gateway --workers {workers} / 1 worker", WORKERS_KEY, "gateway", None, "")
+
+
+def print_comparison(comparison: Comparison, note: str = "") -> None:
+    goal = ""
+    if comparison.target is not None:
+        verdict = "met" if comparison.met else "NOT met"
+        goal = f"  ({comparison.issue} target >= {comparison.target:g}: {verdict})"
+    cpu = f"; by CPU per request {statistics.median(comparison.cpu_ratios):.3f}" if comparison.cpu_ratios else ""
+    print(
+        f"{comparison.label:<38} per round {', '.join(f'{r:.3f}' for r in comparison.ratios)}"
+        f" -> median {comparison.median:.3f}{cpu}; best of rounds {comparison.best:.3f}{goal}{note}"
+    )
 
 
 def print_table(runs: Sequence[Run]) -> None:
@@ -147,8 +185,10 @@ def print_report(
     audit_rows: dict[str, int],
     drops: dict[str, int],
     workers: int,
+    notes: Sequence[str] = (),
 ) -> list[Comparison]:
-    """The report of the current revision (`round_runs`: the throughput rounds' runs, of every revision)."""
+    """The report of the current revision (`round_runs`: the throughput rounds' runs, of every revision; `notes`:
+    what the parts' checks found, printed last)."""
     found = figures_of_merit(current.rounds)
     busy = [r.busy_elsewhere_cores for r in round_runs if r.busy_elsewhere_cores is not None]
     busy += [r.steal_cores for r in round_runs if r.steal_cores is not None]
@@ -157,15 +197,7 @@ def print_report(
     print_table(runs)
     print()
     for comparison in found:
-        goal = ""
-        if comparison.target is not None:
-            verdict = "met" if comparison.met else "NOT met"
-            goal = f"  ({comparison.issue} target >= {comparison.target:g}: {verdict})"
-        cpu = f"; by CPU per request {statistics.median(comparison.cpu_ratios):.3f}" if comparison.cpu_ratios else ""
-        print(
-            f"{comparison.label:<32} per round {', '.join(f'{r:.3f}' for r in comparison.ratios)}"
-            f" -> median {comparison.median:.3f}{cpu}; best of rounds {comparison.best:.3f}{goal}"
-        )
+        print_comparison(comparison)
     if busy and max(busy) > NOISY_CORES:
         print(
             f"warning: other work took up to {max(busy):.2f} cores during the rounds (see elsewhere/steal): req/s "
@@ -194,10 +226,22 @@ def print_report(
             f"token validation: uncached {verify['uncached_validate_us']:.0f} us/op (RS256 jwt.decode alone "
             f"{verify['jwt_decode_rs256_us']:.0f} us), cached {verify['cached_validate_us']:.1f} us/op"
         )
+    per_worker = workers_comparison(current.worker_rounds, workers)
+    if per_worker is not None:
+        cpus = sorted(os.sched_getaffinity(0))
+        print(
+            f"cores: os.cpu_count() {os.cpu_count()}, affinity {len(cpus)} CPUs ({','.join(map(str, cpus))}); the "
+            f"{workers} workers are not pinned and share them with wrk and nginx; the one-worker gateway: "
+            f"{info.get('pinning', 'none')}"
+        )
+        print_comparison(per_worker)
+        found.append(per_worker)
     if current.workers and median_bare:
         rps = statistics.median(run.rps for run in current.workers)
         print(
             f"gateway --workers {workers}: {rps:.0f} req/s = {rps / median_bare:.3f}x "
             f"the median bare run (bare is one process; wrk and nginx share the same {info['cores']} cores)"
         )
+    for note in notes:
+        print(note)
     return found

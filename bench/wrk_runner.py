@@ -71,6 +71,9 @@ class Run:
     busy_elsewhere_cores: float | None = None  # CPU used meanwhile by processes that are not part of the bench
     steal_cores: float | None = None  # CPU the hypervisor gave to other guests
     audit_dropped: int | None = None  # audit events the writer dropped during the run (queue full)
+    credential_hits: int | None = None  # backend credentials served from the gateway's cache during the run
+    credential_misses: int | None = None  # … and fetched anew (a token exchange): 0 once warmed up
+    redis_commands: int | None = None  # commands the Redis server processed during the run (from all its clients)
 
 
 def ms(value: float) -> str:

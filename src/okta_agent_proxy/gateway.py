@@ -88,14 +88,18 @@ def credential_provider(
             name, backend, loaded.config.agents, okta_domain=settings.OKTA_DOMAIN, client=client, discovery=discovery
         ),
         shared=shared,
-        namespace=credential_namespace(backend, loaded.config),
+        namespace=credential_namespace(name, backend, loaded.config),
     )
 
 
-def credential_namespace(backend: Backend, config: GatewayConfig) -> str:
+def credential_namespace(name: str, backend: Backend, config: GatewayConfig) -> str:
     """What a backend's cached credentials depend on besides their key: its YAML and that of the agents that may
     reach it, private keys aside (a digest; pydantic masks the secrets it holds anyway)."""
-    agents = {name: agent.model_dump(mode="json", exclude={"private_key"}) for name, agent in config.agents.items()}
+    agents = {
+        agent_name: agent.model_dump(mode="json", exclude={"private_key"})
+        for agent_name, agent in config.agents.items()
+        if name in agent.backend_access
+    }
     text = json.dumps([backend.model_dump(mode="json"), agents], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -197,6 +197,11 @@ async def test_probes_may_address_the_gateway_by_ip_but_mcp_routes_may_not(tmp_p
                 assert (await raw_request(port, get(path, host))).status == 200, (path, host)
             assert (await raw_request(port, get("/echo", host))).status == 421, host
         assert (await raw_request(port, get("/healthz", "10.1.2.3.evil.example"))).status == 421
+        # No Host at all (HTTP/1.0, as HAProxy's default health check sends): a probe, never a browser.
+        for path in OPERATIONAL:
+            assert (await raw_request(port, f"GET {path} HTTP/1.0")).status == 200, path
+        assert (await raw_request(port, "GET /echo HTTP/1.0")).status == 421
+        assert (await raw_request(port, "POST /echo HTTP/1.0", b"{}")).status == 421
 
 
 async def test_public_metadata_takes_any_origin_and_answers_cors_preflights(tmp_path: Path) -> None:

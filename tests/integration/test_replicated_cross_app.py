@@ -23,8 +23,16 @@ from tests.support.okta_faults import FaultyOktaEmulator
 from tests.support.redis_servers import own_redis, shared_redis_url
 from tests.support.stacks import CURSOR_CLIENT_ID as CURSOR
 from tests.support.stacks import EMPLOYEES_AS as BACKEND_AS
-from tests.support.stacks import GATEWAY_AS, ValidatingBackend, employees_org, sample_values, validating_backend
+from tests.support.stacks import (
+    GATEWAY_AS,
+    ValidatingBackend,
+    employees_org,
+    sample_values,
+    validating_backend,
+    xaa_backend,
+)
 
+SCOPES = ["employees:read"]
 AUDIENCE = "api://okta-agent-proxy-tests"
 ALICE, BOB = User("alice@example.com"), User("bob@example.com")
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -61,15 +69,10 @@ async def replicas(redis_url: str, count: int = 3) -> AsyncIterator[Replicas]:
     async with AsyncExitStack() as stack:
         idp = await stack.enter_async_context(FaultyOktaEmulator(users=[ALICE, BOB], **org))
         backend = await stack.enter_async_context(validating_backend(idp, BACKEND_AS))
-        auth_config = {
-            "id_jag_mode": "static",
-            "scopes": ["employees:read"],
-            "target_authorization_server": idp.issuer(BACKEND_AS),
-            "target_token_endpoint": idp.token_endpoint(BACKEND_AS),
-        }
-        employees = {"url": backend.resource, "paths": ["/employees"], "auth_method": "okta-cross-app"}
         config = {
-            "backends": {"employees": {**employees, "auth_config": auth_config}},
+            "backends": {
+                "employees": xaa_backend(idp, backend.resource, "/employees", auth_server=BACKEND_AS, scopes=SCOPES)
+            },
             "agents": {
                 "cursor": {"client_id": CURSOR, "private_key": key.config_value, "backend_access": ["employees"]}
             },

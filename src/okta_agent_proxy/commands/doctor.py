@@ -3,8 +3,8 @@
 Each check prints one line, `✓ <check>: <what was seen>` or `✗ <check>: <what is wrong>` followed by `  fix: …`
 (`! config: …` for a configuration warning, `○ <check>: …` for what cannot be verified from here). The check names
 are stable: `config`, `issuer metadata`, `issuer jwks`, `backend NAME mcp`, `backend NAME authorization server`,
-`agent NAME key`, `agent NAME key at okta`, `redis` (with `REDIS_URL`). Exit 0 when nothing failed, 1 when a check failed, 2 when the
-configuration does not load (as `check`).
+`agent NAME key`, `agent NAME key at okta`, `redis` (with `REDIS_URL`). Exit 0 when nothing failed, 1 when a check
+failed, 2 when the configuration does not load (as `check`).
 
 This module loads the configuration, runs the probes (`doctor_probes.py`) concurrently on one aiohttp session, each
 bounded by `--timeout`, and prints their results in a stable order: the issuer, then each backend, then each agent.

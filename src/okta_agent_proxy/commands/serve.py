@@ -19,11 +19,19 @@ from okta_agent_proxy.observability.logging import configure
 
 
 def _serve_one(
-    config: str | None, env_file: str | None, host: str, port: int, reuse_port: bool, migrate_store: bool
+    config: str | None,
+    env_file: str | None,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    migrate_store: bool,
+    loaded: LoadedConfig | None = None,
 ) -> None:
+    """One serving process: with the config `serve` loaded, or (a spawned worker) loading it for itself."""
     from okta_agent_proxy.app import run_until_stopped
 
-    loaded = load_or_exit(config, env_file)
+    if loaded is None:
+        loaded = load_or_exit(config, env_file)
     configure(loaded.settings.LOG_LEVEL, loaded.settings.LOG_FORMAT)
     try:
         run_loop(run_until_stopped(loaded, host, port, reuse_port=reuse_port, migrate_store=migrate_store))
@@ -111,6 +119,6 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
         )
         raise SystemExit(EXIT_CONFIG)
     if workers == 1:
-        _serve_one(config, env_file, host, port, False, migrate)
+        _serve_one(config, env_file, host, port, False, migrate, loaded)
     else:
         _serve_workers(loaded, config, env_file, host, port, workers, migrate)

@@ -12,8 +12,9 @@ In this order, on every endpoint, before routing, authentication or any other ch
 
 What differs by kind of endpoint is written once, in `EdgeRules`: the public metadata under `/.well-known/` takes any
 `Origin` (browser-based MCP clients read it cross-origin, and answer CORS preflights); the operational endpoints
-(`/healthz`, `/readyz`, `/metrics`) also take a `Host` that is an IP literal — probes and scrapers address a pod by
-its IP, and DNS rebinding always presents the attacker's host *name*, never an IP literal.
+(`/healthz`, `/readyz`, `/metrics`) also take a `Host` that is an IP literal, or none — probes and scrapers address a
+pod by its IP (HAProxy's default health check is HTTP/1.0 without a `Host`), and DNS rebinding always presents the
+attacker's host *name*: a browser never sends an IP literal it was not given, nor no `Host` at all.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Edge:
         if not raw.isprintable() or ("%" in raw and not request.path.isprintable()):
             raise BadRequest("the request path contains control characters")
         host = headers.get("Host", "")
-        if not self._host_allowed(host) and not (rules.ip_hosts and is_ip_literal(host)):
+        if not self._host_allowed(host) and not (rules.ip_hosts and (not host or is_ip_literal(host))):
             raise MisdirectedRequest("this gateway does not serve the requested host")
         origin = headers.get("Origin")
         if origin is not None and not rules.any_origin and normalize_origin(origin) not in self._allowed_origins:
