@@ -19,9 +19,9 @@ from okta_agent_proxy.mcp.sessions import (
     SessionOwner,
     SessionSeal,
     derive_key,
-    generated_key,
     session_keys,
 )
+from okta_agent_proxy.sealing import generated_key
 
 ALICE = SessionOwner("https://idp/oauth2/x", "00u-alice", "cursor")
 BOB = SessionOwner("https://idp/oauth2/x", "00u-bob", "cursor")

@@ -19,25 +19,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
-import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from okta_agent_proxy import sealing
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import SessionNotFound
+from okta_agent_proxy.sealing import Sealer, generated_key
 
 PREFIX = "oap1."
 _AAD = PREFIX.encode()
-_NONCE_BYTES = 12
 _HKDF_INFO = b"okta-agent-proxy mcp session ids v1"
 KEY_FILE = "session.key"
 MAX_SEALED_CHARS = 4096  # longer than any id we seal for a backend id of up to 1 KiB
@@ -64,7 +57,7 @@ class Session(NamedTuple):
 
 
 def derive_key(secret: str) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(secret.encode())
+    return sealing.derive_key(secret.encode(), _HKDF_INFO)
 
 
 def session_keys(settings: Settings) -> list[bytes]:
@@ -77,50 +70,14 @@ def session_keys(settings: Settings) -> list[bytes]:
     return keys
 
 
-def generated_key(path: Path) -> bytes:
-    """The key in `path`, made first if there is none: written to a temporary file and linked into place, so that
-    processes starting together (`--workers`) all end up with the one that got there first."""
-    try:
-        return _read_key(path)
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as out:
-            out.write(secrets.token_bytes(32).hex() + "\n")
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            os.link(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> bytes:
-    text = path.read_text().strip()
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise ValueError(f"{path} does not hold a 32-byte key in hex; delete it to have a new one made")
-    return key
-
-
 class SessionSeal:
     def __init__(self, keys: Sequence[bytes]) -> None:
-        if not keys:
-            raise ValueError("at least one key is needed")
-        self._sealing = AESGCM(keys[0])
-        self._opening = [AESGCM(key) for key in keys]
+        self._sealer = Sealer(keys)
         self._opened: dict[str, tuple[str, str, SessionOwner]] = {}
 
     def seal(self, backend: str, backend_id: str, owner: SessionOwner) -> str:
         document = {"b": backend, "s": backend_id, "iss": owner.issuer, "sub": owner.user, "agent": owner.agent}
-        plain = json.dumps(document, separators=(",", ":")).encode()
-        nonce = secrets.token_bytes(_NONCE_BYTES)  # fresh for every seal: never reused under one key
-        sealed = nonce + self._sealing.encrypt(nonce, plain, _AAD)
+        sealed = self._sealer.seal(json.dumps(document, separators=(",", ":")).encode(), _AAD)
         return PREFIX + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
 
     def open(self, sealed: str, backend: str, owner: SessionOwner) -> str:
@@ -144,12 +101,8 @@ class SessionSeal:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
             raise SessionNotFound("session not found; initialize a new one") from None
-        nonce, ciphertext = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
-        for key in self._opening:
-            try:
-                document = json.loads(key.decrypt(nonce, ciphertext, _AAD))
-            except (InvalidTag, ValueError):
-                continue
-            owner = SessionOwner(document["iss"], document["sub"], document["agent"])
-            return document["b"], document["s"], owner
-        raise SessionNotFound("session not found; initialize a new one")
+        plain = self._sealer.open(raw, _AAD)
+        if plain is None:
+            raise SessionNotFound("session not found; initialize a new one")
+        document = json.loads(plain)  # we sealed it: well-formed
+        return document["b"], document["s"], SessionOwner(document["iss"], document["sub"], document["agent"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import secrets
 import time
 import weakref
@@ -27,19 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.asyncio import Redis
 
 from okta_agent_proxy.outbound.base import Credential
+from okta_agent_proxy.sealing import Sealer, derive_key
 from okta_agent_proxy.store.redis import RedisLink
 
 CHANNEL = "oap:cred:invalidate"
 LOCK_MS = 25_000  # two token-endpoint round trips of at most 10 s each, and some
 _POLL_SECONDS = (0.01, 0.02, 0.05, 0.1)  # then every 0.1 s
-_NONCE_BYTES = 12
 _HKDF_INFO = b"okta-agent-proxy credential cache v1"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
@@ -60,7 +55,7 @@ class SharedEntry:
 
 def cache_keys(session_keys: Sequence[bytes]) -> list[bytes]:
     """The keys that seal cache values, derived from the session keys (the sealing one first)."""
-    return [HKDF(hashes.SHA256(), 32, salt=None, info=_HKDF_INFO).derive(key) for key in session_keys]
+    return [derive_key(key, _HKDF_INFO) for key in session_keys]
 
 
 def entry_name(namespace: str, key: tuple[str | None, ...]) -> str:
@@ -71,7 +66,7 @@ def entry_name(namespace: str, key: tuple[str | None, ...]) -> str:
 class SharedCredentials:
     def __init__(self, link: RedisLink, keys: Sequence[bytes]) -> None:
         self._link = link
-        self._ciphers = [AESGCM(key) for key in keys]
+        self._sealer = Sealer(keys)
         self._origin = secrets.token_hex(8)  # this process, so it ignores its own invalidations
         self._locals: weakref.WeakSet[LocalCache] = weakref.WeakSet()
         self._release = link.client.register_script(_RELEASE)
@@ -147,23 +142,17 @@ class SharedCredentials:
             "u": entry.until,
             "j": credential.id_jag_jti,
         }
-        nonce = os.urandom(_NONCE_BYTES)
-        return nonce + self._ciphers[0].encrypt(nonce, json.dumps(payload).encode(), name.encode())
+        return self._sealer.seal(json.dumps(payload).encode(), name.encode())
 
     def _open(self, name: str, value: bytes | str) -> SharedEntry | None:
         if isinstance(value, str):
             value = value.encode()  # a client with decode_responses (not ours) would hand back text
-        nonce, sealed = value[:_NONCE_BYTES], value[_NONCE_BYTES:]
-        for cipher in self._ciphers:
-            try:
-                payload = json.loads(cipher.decrypt(nonce, sealed, name.encode()))
-                break
-            except (InvalidTag, ValueError):
-                continue
-        else:
+        plain = self._sealer.open(value, name.encode())
+        if plain is None:
             self._link.failed("open", ValueError("a value that does not open"), hold_back=False)
             return None
         try:
+            payload = json.loads(plain)
             headers, expires_at, until, jti = payload["h"], payload["e"], payload["u"], payload["j"]
             if not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
                 raise TypeError("headers")
