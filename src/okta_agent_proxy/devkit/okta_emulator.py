@@ -1,8 +1,9 @@
 """An embedded, Okta-shaped identity provider for the demo and the tests (`okta-agent-proxy demo idp`).
 
 What it emulates, on one loopback port (PROTOCOL.md §2.1, §2.6):
-- the **org authorization server**: issuer `http://127.0.0.1:PORT`, `/oauth2/v1/keys`, `/oauth2/v1/token`, metadata
-  at `/.well-known/oauth-authorization-server` and `/.well-known/openid-configuration`;
+- the **org authorization server**: issuer `http://127.0.0.1:PORT`, `/oauth2/v1/keys`, `/oauth2/v1/token`,
+  `/oauth2/v1/authorize` with a sign-in page, metadata at `/.well-known/oauth-authorization-server` and
+  `/.well-known/openid-configuration`;
 - **custom authorization servers** `/oauth2/{id}`, each with its default audience: `{issuer}/v1/keys`,
   `{issuer}/v1/token`, and metadata where Okta serves it, path-*appended* (`{issuer}/.well-known/…`). The RFC 8414
   path-*inserted* location is 404 as on Okta unless `path_inserted_metadata=True`, so discovery is tested the way
@@ -15,24 +16,33 @@ under an opaque, stable `kid`, and rotation that may keep the old key published;
 servers, clients authenticated as Okta does (`okta_emulator_clients.py`); RFC 6749 §5.2 errors with `no-store`; Okta's
 JSON 404 for an unknown authorization server.
 
+User sign-in (`self.login`, `okta_emulator_login.py`): the authorization code flow with PKCE, state and nonce at the
+org server for apps with `redirect_uris` (users sign in with their `password`), ID tokens with `groups`, and the
+refresh_token grant (persistent or rotating per app). The org serves the `authorization_code` and `refresh_token`
+grants, and advertises them, only when some app has redirect URIs.
+
 Cross App Access (`self.xaa`, `okta_emulator_xaa.py`): the org server mints ID-JAGs (RFC 8693 token exchange) for
-what `xaa_policies` allow; custom servers redeem them (RFC 7523 jwt-bearer) unless built with `jwt_bearer=False`.
+what `xaa_policies` allow, from custom servers' access tokens or from ID tokens (those of the sign-in above
+included); custom servers redeem them (RFC 7523 jwt-bearer) unless built with `jwt_bearer=False`.
 
 For tests: tokens minted in code for configured users and apps, claims and headers overridable; `rotate_keys`,
-`retire_key`; `xaa`'s counters; an injectable clock. Extension points: `/v1/token` dispatches on `grant_type` through
-a table of `GrantHandler`s per kind of server (`register_grant`), which is also the metadata's
-`grant_types_supported`; a grant type missing from the table gets `unsupported_grant_type` before any client
-authentication. `middlewares` wrap every route (aiohttp's own mechanism): the tests inject outages and count or
-record requests with them (tests/support/okta_faults.py), so the emulator itself carries no failure modes.
+`retire_key`; `xaa`'s and `login`'s counters, `login.revoke_refresh_tokens`; an injectable clock. Extension points:
+`/v1/token` dispatches on `grant_type` through a table of `GrantHandler`s per kind of server (`register_grant`),
+which is also the metadata's `grant_types_supported`; a grant type missing from the table gets
+`unsupported_grant_type` before any client authentication. `middlewares` wrap every route (aiohttp's own
+mechanism): the tests inject outages and count or record requests with them (tests/support/okta_faults.py), so the
+emulator itself carries no failure modes.
 
-Not emulated: `/v1/authorize` (advertised, not served), login, sessions, consent, refresh tokens, introspection,
-revocation, userinfo, logout, access policies beyond Cross App Access (client_credentials gets any scope its server
-defines), rate limits, JWKS cache headers, TLS. State lives in memory. Tokens and secrets are never logged.
+Not emulated: `/v1/authorize` at custom servers (advertised, not served), Okta sessions, MFA, consent,
+introspection, `/v1/revoke`, userinfo, logout, access policies beyond Cross App Access (client_credentials gets any
+scope its server defines), rate limits, JWKS cache headers, TLS (see `okta_emulator_login.py` for the sign-in's own
+limits). State lives in memory. Tokens, codes, passwords and secrets are never logged.
 
 This module is the HTTP face and the minting; the rest lives beside it: the org's users, apps and servers
 (`okta_emulator_directory.py`), signing keys (`okta_emulator_keys.py`), client authentication
-(`okta_emulator_clients.py`), the token endpoint's vocabulary (`okta_emulator_oauth.py`), Cross App Access
-(`okta_emulator_xaa.py`), and the standalone demo org of `okta-agent-proxy demo idp` (`demo_idp.py`).
+(`okta_emulator_clients.py`), the token endpoint's vocabulary (`okta_emulator_oauth.py`), user sign-in
+(`okta_emulator_login.py`), Cross App Access (`okta_emulator_xaa.py`), and the standalone demo org of
+`okta-agent-proxy demo idp` (`demo_idp.py`).
 """
 
 from __future__ import annotations
@@ -60,6 +70,13 @@ from okta_agent_proxy.devkit.okta_emulator_directory import (
     okta_id,
 )
 from okta_agent_proxy.devkit.okta_emulator_keys import EmulatorKey, KeyRing
+from okta_agent_proxy.devkit.okta_emulator_login import (
+    AUTHORIZATION_CODE,
+    REFRESH_TOKEN,
+    SIGN_IN_PATH,
+    USER_GRANTS,
+    UserLogin,
+)
 from okta_agent_proxy.devkit.okta_emulator_oauth import (
     GrantHandler,
     OAuthError,
@@ -80,6 +97,7 @@ __all__ = [
     "OktaEmulator",
     "TokenRequest",
     "User",
+    "UserLogin",
     "XaaPolicy",
     "okta_id",
 ]
@@ -108,10 +126,12 @@ class OktaEmulator:
         token_exchange: bool = True,
         clock: Clock = time.time,
         middlewares: Sequence[Middleware] = (),
+        sign_in_notice: str | None = None,
     ) -> None:
         """`issuer_assertion_audience` also accepts the issuer as a client assertion's `aud` (rfc7523bis);
         Okta accepts only the token endpoint URL. `xaa_policies` start `self.xaa.policies`; `token_exchange=False`:
-        no ID-JAGs. `middlewares`: aiohttp middlewares around every route, the first one outermost."""
+        no ID-JAGs. `middlewares`: aiohttp middlewares around every route, the first one outermost.
+        `sign_in_notice`: a line of text on the sign-in page (the demo shows its user's credentials)."""
         self._custom = by_key(auth_servers, lambda server: server.id, "authorization server id")
         self._users = by_key(users, lambda user: user.login, "user login")
         self._apps = by_key(apps, lambda app: app.client_id, "app client_id")
@@ -125,6 +145,18 @@ class OktaEmulator:
         self._clients = ClientAuthenticator(self._apps, clock)
         self._grants: dict[ServerKind, dict[str, GrantHandler]] = {"org": {}, "custom": {}}
         self.register_grant(CLIENT_CREDENTIALS, self._client_credentials, kind="custom")
+        self.login = UserLogin(
+            self._apps,
+            self._users,
+            mint_access_token=self.mint_access_token,
+            mint_id_token=self.mint_id_token,
+            clock=clock,
+            notice=sign_in_notice,
+        )
+        """User sign-in at the org server: its counters, records and `revoke_refresh_tokens`."""
+        if self.login.enabled:
+            self.register_grant(AUTHORIZATION_CODE, self.login.redeem_code, kind="org")
+            self.register_grant(REFRESH_TOKEN, self.login.refresh, kind="org")
         self.xaa = CrossAppAccess(
             self._custom, self._users, self.issuer, self._keyring, self.mint_access_token, clock, xaa_policies
         )
@@ -187,6 +219,11 @@ class OktaEmulator:
 
     def token_endpoint(self, auth_server_id: str) -> str:
         return f"{self._endpoints(auth_server_id)}/v1/token"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        """The org server's `/oauth2/v1/authorize` (custom servers advertise theirs but the emulator serves none)."""
+        return f"{self._endpoints(ORG)}/v1/authorize"
 
     def audience(self, auth_server_id: str) -> str:
         """The default `aud` of the server's access tokens (the org's own URL for the org server, as on Okta)."""
@@ -287,6 +324,8 @@ class OktaEmulator:
             app.router.add_post(f"{endpoints}/v1/token", self._handle_token)
             app.router.add_get(f"{issuer}/.well-known/oauth-authorization-server", oauth)
             app.router.add_get(f"{issuer}/.well-known/openid-configuration", oidc)
+        app.router.add_get("/oauth2/v1/authorize", self._handle_authorize)
+        app.router.add_post(SIGN_IN_PATH, self._handle_sign_in)
         if self._path_inserted_metadata:  # RFC 8414 §3.1; real Okta does not serve it
             app.router.add_get("/.well-known/oauth-authorization-server/oauth2/{id}", oauth)
         return app
@@ -313,6 +352,7 @@ class OktaEmulator:
             grant_types=list(grants),
             scopes=OIDC_SCOPES if server_id == ORG else self._custom[server_id].scopes,
             oidc=oidc,
+            public_clients=AUTHORIZATION_CODE in grants,
         )
         return web.json_response(document | self.xaa.metadata(server_id, grants))
 
@@ -338,19 +378,35 @@ class OktaEmulator:
             audiences = {self.token_endpoint(server_id)}
             if self._issuer_assertion_audience:
                 audiences.add(self.issuer(server_id))
-            client = self._clients.authenticate(request.headers.get("Authorization"), form, audiences)
+            public = server_id == ORG and grant_type in USER_GRANTS  # PKCE protects them: public apps may use them
+            client = self._clients.authenticate(
+                request.headers.get("Authorization"), form, audiences, allow_public=public
+            )
             body = await handler(TokenRequest(server_id, client, form))
         except OAuthError as refusal:
             self.xaa.count(server_id, grant_type, refusal.error)
+            self.login.count(server_id, grant_type, refusal.error)
             self._log.info(
                 "okta_emulator_token_refused", auth_server=server_id, grant_type=grant_type, error=refusal.error
             )
             return refusal.response()
         self.xaa.count(server_id, grant_type, None)
+        self.login.count(server_id, grant_type, None)
         self._log.info(
             "okta_emulator_token_issued", auth_server=server_id, grant_type=grant_type, client=client.client_id
         )
         return web.json_response(body, headers=_NO_STORE)
+
+    async def _handle_authorize(self, request: web.Request) -> web.Response:
+        response = self.login.authorize(request.query)
+        self._log.info("okta_emulator_authorize", client=request.query.get("client_id"), status=response.status)
+        return response
+
+    async def _handle_sign_in(self, request: web.Request) -> web.Response:
+        form = MultiDict((k, v) for k, v in (await request.post()).items() if isinstance(v, str))
+        response = self.login.sign_in(form)
+        self._log.info("okta_emulator_sign_in", status=response.status)
+        return response
 
     async def _client_credentials(self, request: TokenRequest) -> dict[str, Any]:
         """Scopes as requested, else the server's defaults; OIDC scopes and scopes the server lacks are refused."""

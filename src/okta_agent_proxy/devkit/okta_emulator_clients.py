@@ -3,6 +3,8 @@
 client_id; `aud` = the token endpoint URL (or the issuer, when enabled: rfc7523bis); `exp` at most 1 h ahead; `iat`
 not in the future; signed by the app's public JWK (matching `kid` and `alg` when the JWK names them); `jti` single
 use. Okta treats `jti` as optional; the emulator requires it, since the gateway must always send a fresh one.
+A public client (an app with no secret and no key: a SPA or native app) presents only its `client_id`
+(`token_endpoint_auth_method` none), and only where the caller allows it: the user grants, which PKCE protects.
 
 Deliberately independent of `okta_agent_proxy.keys` and the gateway's code: the emulator is the oracle the gateway is
 tested against, so it must not share that code's mistakes.
@@ -45,8 +47,14 @@ class ClientAuthenticator:
         self._used_jtis: dict[tuple[str, str], float] = {}
 
     def authenticate(
-        self, authorization: str | None, form: MultiMapping[str], assertion_audiences: Collection[str]
+        self,
+        authorization: str | None,
+        form: MultiMapping[str],
+        assertion_audiences: Collection[str],
+        *,
+        allow_public: bool = False,
     ) -> App:
+        """The app that `authorization` or `form` authenticates; `allow_public`: a public app may name itself."""
         assertion = single(form, "client_assertion")
         secret = single(form, "client_secret")
         methods = [authorization is not None, assertion is not None, secret is not None]
@@ -61,6 +69,9 @@ class ClientAuthenticator:
         client_id = single(form, "client_id")
         if client_id is None:
             raise _invalid_client("Client authentication failed: no client credentials were presented.")
+        app = self._apps.get(client_id)
+        if secret is None and allow_public and app is not None and app.public:
+            return app
         return self._check_secret(client_id, secret, basic=False)
 
     def _basic(self, authorization: str, form_client_id: str | None) -> App:

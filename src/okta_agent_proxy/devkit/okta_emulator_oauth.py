@@ -80,11 +80,18 @@ GrantHandler = Callable[[TokenRequest], Awaitable[dict[str, Any]]]
 
 
 def metadata_document(
-    *, issuer: str, endpoints: str, grant_types: Sequence[str], scopes: Sequence[str], oidc: bool
+    *,
+    issuer: str,
+    endpoints: str,
+    grant_types: Sequence[str],
+    scopes: Sequence[str],
+    oidc: bool,
+    public_clients: bool = False,
 ) -> dict[str, Any]:
     """RFC 8414 metadata (or OpenID Connect Discovery when `oidc`) for endpoints under `endpoints` (`…/v1/…`).
 
-    `authorization_endpoint` is advertised as Okta does (clients' metadata models require it) but not served."""
+    `authorization_endpoint` is always advertised, as Okta does (clients' metadata models require it); the emulator
+    serves it at the org server only. `public_clients`: the token endpoint also takes auth method `none`."""
     document: dict[str, Any] = {
         "issuer": issuer,
         "authorization_endpoint": f"{endpoints}/v1/authorize",
@@ -93,7 +100,12 @@ def metadata_document(
         "response_types_supported": ["code"],
         "grant_types_supported": sorted(grant_types),
         "scopes_supported": list(scopes),
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+            "private_key_jwt",
+            *(["none"] if public_clients else []),
+        ],
         "token_endpoint_auth_signing_alg_values_supported": sorted(
             {a for algs in ASSERTION_ALGORITHMS.values() for a in algs}
         ),

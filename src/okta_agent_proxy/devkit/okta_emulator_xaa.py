@@ -1,12 +1,16 @@
 """Cross App Access (ID-JAG) for the Okta emulator: the two grants and the policy behind them (PROTOCOL.md §1–2).
 
 - **Step 1**, at the org server's `/oauth2/v1/token`: the RFC 8693 token exchange with
-  `requested_token_type=…:token-type:id-jag`. The client must have authenticated with `private_key_jwt` (Okta requires
-  it of AI agents). `audience` is the issuer of a custom server that redeems ID-JAGs, `resource` one of its
-  `resources` (when it declares any), `scope` custom scopes it defines. The subject token is a user's access token
-  from one of the custom servers (its client must be the agent, or delegate to it: `XaaPolicy`), or an ID token from
-  any of the org's servers whose `aud` is the agent or its linked app; its user must be a configured one. An
-  `XaaPolicy` must allow the agent, audience, resource and scopes; the ID-JAG carries the scopes it allows.
+  `requested_token_type=…:token-type:id-jag`. An AI agent (`wlp…`) must have authenticated with `private_key_jwt`, as
+  Okta requires; an OIDC app (the "requesting app" of Okta's Cross App Access, such as the gateway's own web app) may
+  use its client secret too (the requesting app sends `client_id` + `client_secret` to Okta's `/oauth2/v1/token` in
+  auth0.com/docs/secure/call-apis-on-users-behalf/xaa/end-to-end-testing). `audience` is the issuer of a custom
+  server that redeems ID-JAGs, `resource` one of its `resources` (when it declares any), `scope` custom scopes it
+  defines. The subject token is a user's access token from one of the custom servers (its client must be the agent,
+  or delegate to it: `XaaPolicy`), or an ID token signed by the org server (as its sign-in issues them:
+  `okta_emulator_login.py`) or a custom server whose `aud` is the requesting client or the app it is linked to; its
+  user must be a configured one. An `XaaPolicy` must allow the client, audience, resource and scopes; the ID-JAG
+  carries the scopes it allows.
 - **Step 2**, at a custom server's `{issuer}/v1/token`: the RFC 7523 jwt-bearer grant with `assertion=<ID-JAG>`,
   checked as PROTOCOL.md §1.5 says; the access token is Okta-shaped, for the ID-JAG's user, with `aud` = the
   ID-JAG's `resource` (else the server's audience) and `scp` = requested ∩ ID-JAG ∩ server scopes.
@@ -14,7 +18,7 @@
 Subjects: an ID-JAG's `sub` is the user's Okta id (`uid`), as in Okta's examples and in its ID tokens; step 2 maps it
 back to the user, so the access token has `sub` = login and `uid` = that id, like any Okta user token.
 
-Errors (RFC 6749 §5.2), step 1: a missing or unsupported parameter `invalid_request`; an agent authenticated by
+Errors (RFC 6749 §5.2), step 1: a missing or unsupported parameter `invalid_request`; an AI agent authenticated by
 client secret `invalid_client`; an unknown audience or a refused resource `invalid_target`; OIDC or undefined scopes
 `invalid_scope`; a bad, expired or foreign subject token `invalid_grant`; no matching policy `access_denied`. Step 2:
 every assertion defect (typ, signature, iss, aud, client_id, exp, iat, jti replay, user, resource) `invalid_grant`,
@@ -174,8 +178,8 @@ class CrossAppAccess:
     # ---- step 1: the org server mints ID-JAGs
 
     async def exchange(self, request: TokenRequest) -> dict[str, Any]:
-        agent = request.client
-        if request.param("client_assertion") is None:
+        agent = request.client  # an AI agent, or an OIDC app exchanging its own users' ID tokens
+        if agent.ai_agent and request.param("client_assertion") is None:
             raise OAuthError(
                 "invalid_client",
                 "AI agents must authenticate with private_key_jwt to request an ID-JAG.",
