@@ -6,6 +6,11 @@
 - `backends`, `agents`: the loaded config, as a secret-free view (`config_store.public_view`).
 - `config_history`: what changed (a JSON-Patch-like list), when, from which file (its SHA-256), and the resulting
   secret-free config, which the next change is compared with.
+- The OAuth front door's state (DESIGN.md §8; read and written by `frontdoor.py`, which says why each table is
+  shaped as it is): `oauth_clients`, `oauth_pending`, `oauth_grants`, `oauth_codes`, `oauth_refresh_tokens`,
+  `oauth_consents`, `security_events`, `signing_keys`. No token, code or state is stored: only its SHA-256; what
+  must be kept usable (the user's Okta tokens, a signing key, a rotated refresh token's successor during the
+  grace period) is `bytes` sealed by the caller with `STATE_ENCRYPTION_KEY`.
 
 Strings are unbounded `Text`: an audit row must never fail to insert on PostgreSQL because a caller sent a long
 path or tool name (the writer caps lengths instead). Times are stored in UTC: `timestamptz` on PostgreSQL, ISO
@@ -19,7 +24,20 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Double, Index, Integer, MetaData, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -104,6 +122,7 @@ class Model(DeclarativeBase):
         dict[str, Any]: JSON(),
         list[str]: JSON(),
         list[dict[str, Any]]: JSON(),
+        bytes: LargeBinary(),
     }
 
 
@@ -194,8 +213,164 @@ class ConfigHistoryRow(Model):
     snapshot: Mapped[dict[str, Any]]  # the whole secret-free config after the change
 
 
+# ---------------------------------------------------------------- the OAuth front door (DESIGN.md §8)
+
+
+class OAuthClientRow(Model):
+    """An MCP client the front door knows: registered (RFC 7591; `client_id` random) or a client metadata document
+    (CIMD; `client_id` is the document's https URL, the document cached until `expires_at`)."""
+
+    __tablename__ = "oauth_clients"
+
+    client_id: Mapped[str] = mapped_column(primary_key=True)
+    kind: Mapped[str]  # "registered" | "cimd"
+    client_name: Mapped[str | None]
+    redirect_uris: Mapped[list[str]]
+    document: Mapped[dict[str, Any] | None]  # the CIMD document as fetched, or the registration's accepted metadata
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(index=True)
+    fetched_at: Mapped[datetime | None]  # CIMD: when the document was fetched
+    expires_at: Mapped[datetime | None]  # CIMD: when it must be fetched again
+
+    __table_args__ = (CheckConstraint("kind IN ('registered', 'cimd')", name="kind"),)
+
+
+class OAuthPendingRow(Model):
+    """A single-use marker of a step of a pending authorization (the Okta `state`, a consent form's CSRF token),
+    keyed by the SHA-256 of the value: consumed once, on whichever replica the browser comes back to."""
+
+    __tablename__ = "oauth_pending"
+
+    key_hash: Mapped[str] = mapped_column(primary_key=True)
+    purpose: Mapped[str]
+    client_id: Mapped[str | None]
+    payload: Mapped[bytes | None]  # optional, sealed by the caller
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    used_at: Mapped[datetime | None]
+
+
+class OAuthGrantRow(Model):
+    """A user's login through the front door for one client and one resource: the Okta tokens it holds (sealed),
+    the lease that makes refreshing them single-flight across replicas, and whether it was revoked."""
+
+    __tablename__ = "oauth_grants"
+
+    grant_id: Mapped[str] = mapped_column(primary_key=True)
+    user_sub: Mapped[str] = mapped_column(index=True)
+    user_claims: Mapped[dict[str, Any]]  # email, name, groups… of the Okta ID token
+    client_id: Mapped[str] = mapped_column(ForeignKey("oauth_clients.client_id"), index=True)
+    resource: Mapped[str]
+    scopes: Mapped[list[str]]
+    okta_id_token: Mapped[bytes | None]  # sealed; NULL once revoked
+    okta_id_token_expires_at: Mapped[datetime | None]
+    okta_refresh_token: Mapped[bytes | None]  # sealed; NULL once revoked
+    okta_refresh_token_expires_at: Mapped[datetime | None]
+    okta_refreshed_at: Mapped[datetime | None]
+    version: Mapped[int]  # +1 each time the Okta tokens change
+    refresh_lease_holder: Mapped[str | None]
+    refresh_lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)  # extended by every refresh token issued
+    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
+    revoked_reason: Mapped[str | None]
+
+
+class OAuthCodeRow(Model):
+    """A one-time authorization code (by its SHA-256), bound to what the token request must repeat."""
+
+    __tablename__ = "oauth_codes"
+
+    code_hash: Mapped[str] = mapped_column(primary_key=True)
+    grant_id: Mapped[str] = mapped_column(ForeignKey("oauth_grants.grant_id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[str]
+    redirect_uri: Mapped[str]
+    code_challenge: Mapped[str]  # PKCE S256
+    resource: Mapped[str]
+    scopes: Mapped[list[str]]
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    used_at: Mapped[datetime | None]
+
+
+class OAuthRefreshTokenRow(Model):
+    """A refresh token (by its SHA-256) of a grant's rotating family; a rotated one names its successor and, for
+    the grace period only, holds the successor pair sealed (so a concurrent refresh gets the same pair)."""
+
+    __tablename__ = "oauth_refresh_tokens"
+
+    token_hash: Mapped[str] = mapped_column(primary_key=True)
+    grant_id: Mapped[str] = mapped_column(ForeignKey("oauth_grants.grant_id", ondelete="CASCADE"), index=True)
+    parent_hash: Mapped[str | None]
+    issued_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    rotated_at: Mapped[datetime | None] = mapped_column(index=True)
+    replaced_by: Mapped[str | None]
+    successor_sealed: Mapped[bytes | None]
+
+
+class OAuthConsentRow(Model):
+    """A user's approval of a client for a backend, with the scopes approved."""
+
+    __tablename__ = "oauth_consents"
+
+    user_sub: Mapped[str] = mapped_column(primary_key=True)
+    client_id: Mapped[str] = mapped_column(
+        ForeignKey("oauth_clients.client_id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    backend: Mapped[str] = mapped_column(primary_key=True)
+    scopes: Mapped[list[str]]
+    approved_at: Mapped[datetime]
+
+
+class SecurityEventRow(Model):
+    """A security event of the front door (`audit --events`): registration, login, consent, token issue, refresh,
+    reuse, revocation, refusal. `detail` never holds a secret."""
+
+    __tablename__ = "security_events"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    time: Mapped[datetime]
+    kind: Mapped[str]
+    replica: Mapped[str]
+    client_id: Mapped[str | None]
+    user_sub: Mapped[str | None]
+    grant_id: Mapped[str | None]
+    detail: Mapped[dict[str, Any]]
+
+    __table_args__ = (
+        Index(None, "time"),
+        Index(None, "kind", "time"),
+        Index(None, "user_sub", "time"),
+        Index(None, "client_id", "time"),
+    )
+
+
+class SigningKeyRow(Model):
+    """The front door's token-signing keys, shared by every replica. `slot` is "current" on exactly one row (a
+    unique constraint settles a creation race) and NULL on retired keys, which stay published for a while."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(primary_key=True)
+    algorithm: Mapped[str]
+    private_key: Mapped[bytes]  # sealed
+    public_jwk: Mapped[dict[str, Any]]
+    slot: Mapped[str | None] = mapped_column(unique=True)
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
 # The Core tables, for bulk statements (typed as `Table`, unlike `Row.__table__`).
 audit_events = Model.metadata.tables["audit_events"]
 backends = Model.metadata.tables["backends"]
 agents = Model.metadata.tables["agents"]
 config_history = Model.metadata.tables["config_history"]
+oauth_clients = Model.metadata.tables["oauth_clients"]
+oauth_pending = Model.metadata.tables["oauth_pending"]
+oauth_grants = Model.metadata.tables["oauth_grants"]
+oauth_codes = Model.metadata.tables["oauth_codes"]
+oauth_refresh_tokens = Model.metadata.tables["oauth_refresh_tokens"]
+oauth_consents = Model.metadata.tables["oauth_consents"]
+security_events = Model.metadata.tables["security_events"]
+signing_keys = Model.metadata.tables["signing_keys"]
