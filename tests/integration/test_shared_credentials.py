@@ -270,3 +270,80 @@ async def test_own_redis_serves_the_sharing_test_too() -> None:
         async with replicas(server.url, 2, exchanger) as (first, second):
             results = await asyncio.gather(*(r.cache.get(request()) for r in (first, second) * 5))
     assert {bearer(c) for c in results} == {"t-1"}
+
+
+async def test_a_401_reaches_the_other_config_generation_of_the_same_process_at_once() -> None:
+    """After a reload, the new generation's cache shares names with the old one's; a 401 seen by a request still
+    running on the old one must reach the new one too, though the process ignores its own channel messages."""
+    exchanger = CountingExchanger("t")
+    errors: list[str] = []
+    link = RedisLink(shared_redis_url(), on_error=errors.append)
+    shared = SharedCredentials(link, cache_keys([KEY]))
+    old = CachingProvider(exchanger, shared=shared, namespace=f"gen-{id(exchanger)}")
+    new = CachingProvider(exchanger, shared=shared, namespace=f"gen-{id(exchanger)}")
+    try:
+        assert bearer(await old.get(request())) == "t-1"
+        assert bearer(await new.get(request())) == "t-1"  # from Redis
+        await old.invalidate(request())
+        assert bearer(await new.get(request())) == "t-2"  # dropped at once, exchanged anew
+    finally:
+        await link.close()
+    assert errors == []
+
+
+async def test_a_holder_held_back_by_a_failure_still_shares_and_unlocks() -> None:
+    """A failure seen by the holder (say, of its subscription) during its exchange must not leave the lock with no
+    value: the waiter gets the holder's credential, not a wait of `WAIT_SECONDS` and an exchange of its own."""
+    exchanger = CountingExchanger("t", delay=0.3)
+    async with replicas(shared_redis_url(), 2, exchanger) as (holder, waiter):
+        holding = asyncio.ensure_future(holder.cache.get(request()))
+        await asyncio.sleep(0.2)  # the holder has the lock, and finishes its exchange within the hold-back (0.2 s)
+        holder.link.failed("subscribe", ConnectionError("test: the subscription dropped"))
+        started = time.monotonic()
+        got = await waiter.cache.get(request())
+        waited = time.monotonic() - started
+        await holding
+    assert bearer(got) == "t-1" and exchanger.minted == ["t-1"]
+    assert waited < 1.0
+
+
+async def test_a_server_that_answers_nonsense_costs_an_error_not_a_request() -> None:
+    """A port that speaks garbage instead of RESP: every request still gets its credential, errors are counted."""
+    port = free_port()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1024):
+                writer.write(b":1\r\n$-7\r\n%zz\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, LOOPBACK, port)
+    exchanger = CountingExchanger("t", delay=0)
+    errors: list[str] = []
+    link = RedisLink(f"redis://{LOOPBACK}:{port}/0", on_error=errors.append, retry_after=0.05)
+    cache = CachingProvider(exchanger, shared=SharedCredentials(link, cache_keys([KEY])), namespace="garbage")
+    try:
+        for i in range(5):
+            assert bearer(await cache.get(request(f"user-{i}"))) == f"t-{i + 1}"
+            await asyncio.sleep(0.06)
+    finally:
+        await link.close()
+        server.close()
+    assert errors, "the nonsense was not counted"
+
+
+def test_forgetting_works_after_evictions() -> None:
+    """The L1 evicts its oldest entry when full; the name map follows, so an invalidation still finds a live entry."""
+    exchanger = CountingExchanger("t", delay=0)
+    link = RedisLink("redis://127.0.0.1:1/0")  # never used: entries are kept by hand below
+    cache = CachingProvider(exchanger, shared=SharedCredentials(link, cache_keys([KEY])), namespace="n", max_entries=3)
+    until = time.time() + 600
+    credential = Credential({"Authorization": "Bearer x"}, until, refreshable=True)
+    keys = [("backend", "agent", "iss", f"u{i}") for i in range(5)]
+    for key in keys:
+        cache._keep(key, credential, until, entry_name("n", key))
+    live = keys[-1]
+    cache.forget(entry_name("n", live))
+    assert live not in cache._entries
+    assert len(cache._names) == len(cache._entries) == 2

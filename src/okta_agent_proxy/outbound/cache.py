@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 from okta_agent_proxy.errors import TokenExchangeFailed
 from okta_agent_proxy.outbound.base import AuthFlow, Credential, CredentialRequest, Exchanger, Subject
-from okta_agent_proxy.outbound.shared_cache import SharedCredentials, SharedEntry, entry_name
+from okta_agent_proxy.outbound.shared_cache import NO_LOCK, Lock, SharedCredentials, SharedEntry, entry_name
 
 CacheKey = tuple[str, str | None, str | None, str | None]
 
@@ -54,8 +54,8 @@ class CachingProvider:
         self._denial_ttl = denial_ttl
         self._max = max_entries
         self._clock = clock
-        self._entries: dict[CacheKey, tuple[Credential, float]] = {}
-        self._names: dict[str, CacheKey] = {}  # shared-cache name → key of the L1 entries that have one
+        self._entries: dict[CacheKey, tuple[Credential, float, str | None]] = {}  # credential, until, shared name
+        self._names: dict[str, CacheKey] = {}  # shared name → key, for exactly the L1 entries that have one
         self._denials: dict[CacheKey, tuple[TokenExchangeFailed, float]] = {}
         self._inflight: dict[CacheKey, asyncio.Future[Credential]] = {}
         self.exchanges = 0
@@ -72,7 +72,7 @@ class CachingProvider:
         if entry is not None:
             if now < entry[1]:
                 return dataclasses.replace(entry[0], cache_hit=True)
-            del self._entries[key]
+            self._drop(key)
         denial = self._denials.get(key)
         if denial is not None:
             if now < denial[1]:
@@ -99,19 +99,21 @@ class CachingProvider:
         name = entry_name(self._namespace, key)
         found = await shared.get(name)
         if found is None:
-            token = await shared.lock(name)
-            if token is not None:
+            lock = await shared.lock(name)
+            if lock is not None:
                 try:
-                    return await self._exchange(key, request, name)
+                    return await self._exchange(key, request, name, lock)
                 finally:
-                    await shared.unlock(name, token)
+                    await shared.unlock(name, lock)
             found = await shared.wait(name)
             if found is None:
-                return await self._exchange(key, request, name)
+                return await self._exchange(key, request, name, NO_LOCK)
         self._keep(key, found.credential, found.until, name)
         return found.credential
 
-    async def _exchange(self, key: CacheKey, request: CredentialRequest, name: str | None) -> Credential:
+    async def _exchange(
+        self, key: CacheKey, request: CredentialRequest, name: str | None, lock: Lock = NO_LOCK
+    ) -> Credential:
         self.exchanges += 1
         try:
             credential = await self._inner.get(request)
@@ -125,32 +127,35 @@ class CachingProvider:
             if until > self._clock():
                 self._keep(key, credential, until, name)
                 if self._shared is not None and name is not None:
-                    await self._shared.put(name, SharedEntry(credential, until))
+                    await self._shared.put(name, SharedEntry(credential, until), lock)
         return credential
 
     def _keep(self, key: CacheKey, credential: Credential, until: float, name: str | None) -> None:
+        self._drop(key)
         if len(self._entries) >= self._max:
-            del self._entries[next(iter(self._entries))]
-        if len(self._names) >= self._max:
-            del self._names[next(iter(self._names))]
-        self._entries[key] = (credential, until)
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (credential, until, name)
         if name is not None:
             self._names[name] = key
 
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry[2] is not None:
+            self._names.pop(entry[2], None)
+
     async def invalidate(self, request: CredentialRequest) -> None:
         key = cache_key(request)
-        self._entries.pop(key, None)
+        self._drop(key)
         if self._shared is not None:
             name = entry_name(self._namespace, key)
-            self._names.pop(name, None)
-            await self._shared.invalidate(name)
+            await self._shared.invalidate(name, self)
         await self._inner.invalidate(request)
 
     def forget(self, name: str) -> None:
         """Another replica saw the backend refuse this entry's credential."""
-        key = self._names.pop(name, None)
+        key = self._names.get(name)
         if key is not None:
-            self._entries.pop(key, None)
+            self._drop(key)
 
     def forget_all(self) -> None:
         """Invalidations may have been missed (the subscription was down): start the L1 afresh."""

@@ -6,11 +6,13 @@
   parse — written by someone else, or sealed with a retired secret — is ignored (counted as `open` errors) and
   overwritten by the next exchange: never served. TTL: the entry's own `until`, as in the L1.
 - **Single-flight**: `SET oap:lock:<…> <token> NX PX <LOCK_MS>` before exchanging. Whoever does not get the lock polls
-  for the value (and for the lock, so a holder that failed frees the others at once), for at most `LOCK_MS`, then
-  proceeds on its own. The holder writes the value before it releases the lock (compare-and-delete, in Lua).
+  for the value (and for the lock, so a holder that failed frees the others at once), for at most `WAIT_SECONDS`,
+  then proceeds on its own. The holder writes the value before it releases the lock (compare-and-delete, in Lua);
+  both are tried even while Redis is held back after a failure, so nobody is left waiting on a lock we could free.
 - **Invalidation**: a backend 401 deletes the entry and publishes its name on `oap:cred:invalidate`; every replica
   drops it from its L1 on receipt (`LocalCache.forget`), and drops its whole L1 whenever its subscription restarts,
-  since invalidations may have been missed meanwhile.
+  since invalidations may have been missed meanwhile. The process's other caches (another config generation) are
+  told directly.
 When Redis is away every method answers "nothing shared" and the caller carries on in process (`store.redis`).
 """
 
@@ -34,6 +36,7 @@ from okta_agent_proxy.store.redis import RedisLink
 
 CHANNEL = "oap:cred:invalidate"
 LOCK_MS = 25_000  # two token-endpoint round trips of at most 10 s each, and some
+WAIT_SECONDS = 5.0  # then a waiter exchanges on its own: a holder that died must not stall the others for LOCK_MS
 _POLL_SECONDS = (0.01, 0.02, 0.05, 0.1)  # then every 0.1 s
 _HKDF_INFO = b"okta-agent-proxy credential cache v1"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
@@ -45,6 +48,15 @@ class LocalCache(Protocol):
     def forget(self, name: str) -> None: ...
 
     def forget_all(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    token: str
+    held: bool  # taken in Redis (False: Redis was away, and the exchange goes ahead without one)
+
+
+NO_LOCK = Lock("", held=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +81,7 @@ class SharedCredentials:
         self._sealer = Sealer(keys)
         self._origin = secrets.token_hex(8)  # this process, so it ignores its own invalidations
         self._locals: weakref.WeakSet[LocalCache] = weakref.WeakSet()
-        self._release = link.client.register_script(_RELEASE)
+        self._release = link.client.register_script(_RELEASE)  # run on whichever client the link has then
 
     def attach(self, local: LocalCache) -> None:
         """Tell `local` of invalidations from now on (held weakly: a retired config generation's cache goes away)."""
@@ -77,47 +89,56 @@ class SharedCredentials:
 
     async def get(self, name: str) -> SharedEntry | None:
         value = await self._link.run("get", lambda client: client.get(name))
-        return None if value is None else self._open(name, value)
+        return self._open(name, value) if isinstance(value, bytes) else None
 
-    async def put(self, name: str, entry: SharedEntry) -> None:
+    async def put(self, name: str, entry: SharedEntry, lock: Lock) -> None:
+        """Share an exchange's result; tried even while held back when others wait for it (we hold the lock)."""
         ttl_ms = int((entry.until - time.time()) * 1000)
         if ttl_ms > 0:
             value = self._seal(name, entry)
-            await self._link.run("set", lambda client: client.set(name, value, px=ttl_ms))
+            await self._link.run("set", lambda client: client.set(name, value, px=ttl_ms), always=lock.held)
 
-    async def lock(self, name: str) -> str | None:
-        """A token when this process may exchange for `name` (it holds the lock, or Redis is away and nobody can);
-        None when another process holds the lock."""
+    async def lock(self, name: str) -> Lock | None:
+        """The go-ahead to exchange for `name`: holding the lock in Redis, or not (Redis is away, and nobody can);
+        None when another process holds it."""
         token = secrets.token_hex(16)
 
         async def take(client: Redis) -> bool:
             return bool(await client.set(_lock_name(name), token, nx=True, px=LOCK_MS))
 
         taken = await self._link.run("lock", take)
-        return None if taken is False else token
+        return None if taken is False else Lock(token, held=taken is True)
 
-    async def unlock(self, name: str, token: str) -> None:
-        await self._link.run("unlock", lambda client: self._release(keys=[_lock_name(name)], args=[token]))
+    async def unlock(self, name: str, lock: Lock) -> None:
+        if lock.held:  # tried even while held back: the others wait on it
+            keys, args = [_lock_name(name)], [lock.token]
+            await self._link.run(
+                "unlock", lambda client: self._release(keys=keys, args=args, client=client), always=True
+            )
 
     async def wait(self, name: str) -> SharedEntry | None:
         """The value another process is fetching, once it is there; None when its lock goes without a value, Redis
-        goes away, or `LOCK_MS` passes."""
-        deadline = time.monotonic() + LOCK_MS / 1000
+        goes away, or `WAIT_SECONDS` pass."""
+        deadline = time.monotonic() + WAIT_SECONDS
         for attempt in range(1_000_000):  # bounded by the deadline long before the count
             await asyncio.sleep(_POLL_SECONDS[min(attempt, len(_POLL_SECONDS) - 1)])
             found = await self._link.run("wait", lambda client: client.mget(name, _lock_name(name)))
-            if found is None:
+            if not (isinstance(found, list) and len(found) == 2):
                 return None
             value, lock = found
             if value is not None:
-                return self._open(name, value)
+                return self._open(name, value) if isinstance(value, bytes) else None
             if lock is None or time.monotonic() >= deadline:
                 return None
         return None
 
-    async def invalidate(self, name: str) -> None:
-        """Delete the entry in Redis and have every other replica drop it from its L1."""
-        await self._link.run("delete", lambda client: client.delete(name))
+    async def invalidate(self, name: str, by: LocalCache) -> None:
+        """Delete the entry in Redis and have every other cache drop it from its L1: those of this process (another
+        config generation may share the name) at once, those of other replicas through the channel."""
+        for local in list(self._locals):
+            if local is not by:
+                local.forget(name)
+        await self._link.run("delete", lambda client: client.delete(name), always=True)
         await self._link.publish(CHANNEL, f"{self._origin} {name}")
 
     async def listen(self) -> None:
@@ -144,9 +165,7 @@ class SharedCredentials:
         }
         return self._sealer.seal(json.dumps(payload).encode(), name.encode())
 
-    def _open(self, name: str, value: bytes | str) -> SharedEntry | None:
-        if isinstance(value, str):
-            value = value.encode()  # a client with decode_responses (not ours) would hand back text
+    def _open(self, name: str, value: bytes) -> SharedEntry | None:
         plain = self._sealer.open(value, name.encode())
         if plain is None:
             self._link.failed("open", ValueError("a value that does not open"), hold_back=False)
