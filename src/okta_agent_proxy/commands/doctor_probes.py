@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from okta_agent_proxy import __version__
 from okta_agent_proxy.config.models import Agent, Backend, CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend
+from okta_agent_proxy.http.bodies import read_at_most
 from okta_agent_proxy.inbound.jwks import JwksFetchError, fetch_json, parse_jwks
 from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.discovery import AuthorizationServerInfo, AuthServerDiscovery
@@ -190,7 +191,7 @@ def _static_headers(backend: Backend) -> dict[str, str]:
 async def _read_rpc(response: aiohttp.ClientResponse, request_id: int) -> dict[str, Any] | None:
     """The JSON-RPC message with this id from a JSON or SSE answer (None if there is none)."""
     if response.content_type == "application/json":
-        message = _json(await response.content.read(_MAX_BODY + 1))
+        message = _json(await read_at_most(response.content, _MAX_BODY))
         return message if isinstance(message, dict) and message.get("id") == request_id else None
     if response.content_type != "text/event-stream":
         return None

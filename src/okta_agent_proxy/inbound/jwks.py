@@ -27,6 +27,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
 from okta_agent_proxy.errors import IdpUnavailable
+from okta_agent_proxy.http.bodies import read_at_most
 
 log = structlog.get_logger(__name__)
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
@@ -49,7 +50,7 @@ async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float) -
         ) as response:
             if response.status != 200:
                 raise JwksFetchError(f"GET {url} answered {response.status}")
-            body = await response.content.read(_MAX_DOCUMENT_BYTES + 1)
+            body = await read_at_most(response.content, _MAX_DOCUMENT_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise JwksFetchError(f"GET {url} failed: {type(exc).__name__}") from None
     if len(body) > _MAX_DOCUMENT_BYTES:

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 from pydantic import SecretStr
 
+from okta_agent_proxy.http.bodies import read_at_most
 from okta_agent_proxy.keys import SigningKey
 from okta_agent_proxy.outbound.client_assertion import ASSERTION_TYPE, client_assertion
 
@@ -130,7 +131,7 @@ class TokenEndpointClient:
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 allow_redirects=False,
             ) as response:
-                body = await response.content.read(_MAX_RESPONSE_BYTES + 1)
+                body = await read_at_most(response.content, _MAX_RESPONSE_BYTES)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenEndpointUnavailable(f"{method} {url} failed: {type(exc).__name__}") from None
