@@ -333,17 +333,24 @@ async def test_a_server_that_answers_nonsense_costs_an_error_not_a_request() -> 
     assert errors, "the nonsense was not counted"
 
 
-def test_forgetting_works_after_evictions() -> None:
-    """The L1 evicts its oldest entry when full; the name map follows, so an invalidation still finds a live entry."""
+async def test_forgetting_works_after_evictions() -> None:
+    """The L1 evicts its oldest entry when full; its name map follows, so an invalidation from another replica still
+    finds a live entry after evictions (and its next request exchanges anew)."""
     exchanger = CountingExchanger("t", delay=0)
-    link = RedisLink("redis://127.0.0.1:1/0")  # never used: entries are kept by hand below
-    cache = CachingProvider(exchanger, shared=SharedCredentials(link, cache_keys([KEY])), namespace="n", max_entries=3)
-    until = time.time() + 600
-    credential = Credential({"Authorization": "Bearer x"}, until, refreshable=True)
-    keys = [("backend", "agent", "iss", f"u{i}") for i in range(5)]
-    for key in keys:
-        cache._keep(key, credential, until, entry_name("n", key))
-    live = keys[-1]
-    cache.forget(entry_name("n", live))
-    assert live not in cache._entries
-    assert len(cache._names) == len(cache._entries) == 2
+    link = RedisLink(shared_redis_url())
+    namespace = f"evict-{id(exchanger)}"
+    cache = CachingProvider(
+        exchanger, shared=SharedCredentials(link, cache_keys([KEY])), namespace=namespace, max_entries=3
+    )
+    try:
+        for i in range(5):  # u0 and u1 are evicted on the way
+            await cache.get(request(f"u{i}"))
+        cache.forget(entry_name(namespace, ("backend", "agent", "https://issuer.test", "u4")))
+        await link.run(
+            "delete",
+            lambda client: client.delete(entry_name(namespace, ("backend", "agent", "https://issuer.test", "u4"))),
+        )
+        assert bearer(await cache.get(request("u4"))) == "t-6"  # forgotten: fetched anew
+        assert bearer(await cache.get(request("u3"))) == "t-4"  # still kept
+    finally:
+        await link.close()

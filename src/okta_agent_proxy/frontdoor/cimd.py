@@ -69,6 +69,8 @@ from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 
+from okta_agent_proxy.http.bodies import read_at_most
+
 MAX_DOCUMENT_BYTES = 5 * 1024
 FETCH_TIMEOUT_SECONDS = 5.0
 MIN_CACHE_SECONDS = 5 * 60.0
@@ -367,16 +369,6 @@ def _metadata(body: bytes, client_id: str, fetched_at: float, fresh_seconds: flo
     return ClientMetadata(client_id, tuple(uris), name, fetched_at, fetched_at + fresh_seconds)
 
 
-async def _read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body, or CimdRefused as soon as more than `limit` bytes have arrived (no more is read)."""
-    body = bytearray()
-    while chunk := await stream.read(limit + 1 - len(body)):
-        body += chunk
-        if len(body) > limit:
-            raise CimdRefused(CimdReason.TOO_LARGE, f"the document is larger than {limit} bytes")
-    return bytes(body)
-
-
 class ClientMetadataFetcher:
     """Fetches, checks and caches client metadata documents. One per process; not bound to an event loop until used.
 
@@ -503,6 +495,8 @@ class ClientMetadataFetcher:
                 raise CimdRefused(CimdReason.NOT_JSON, "the body has a content coding")
             if response.content_length is not None and response.content_length > self._max_bytes:
                 raise CimdRefused(CimdReason.TOO_LARGE, f"the document is larger than {self._max_bytes} bytes")
-            body = await _read_at_most(response.content, self._max_bytes)
+            body = await read_at_most(response.content, self._max_bytes)
+            if len(body) > self._max_bytes:
+                raise CimdRefused(CimdReason.TOO_LARGE, f"the document is larger than {self._max_bytes} bytes")
             fresh = _fresh_seconds(response.headers, self._min_cache, self._max_cache)
         return _metadata(body, client_id, self._clock(), fresh)
