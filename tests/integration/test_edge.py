@@ -202,6 +202,9 @@ async def test_probes_may_address_the_gateway_by_ip_but_mcp_routes_may_not(tmp_p
             assert (await raw_request(port, f"GET {path} HTTP/1.0")).status == 200, path
         assert (await raw_request(port, "GET /echo HTTP/1.0")).status == 421
         assert (await raw_request(port, "POST /echo HTTP/1.0", b"{}")).status == 421
+        # An empty Host is no Host: fine for a probe, refused on an MCP route.
+        assert (await raw_request(port, "GET /healthz HTTP/1.1\nHost: ")).status == 200
+        assert (await raw_request(port, "POST /echo HTTP/1.1\nHost: ", b"{}")).status == 421
 
 
 async def test_public_metadata_takes_any_origin_and_answers_cors_preflights(tmp_path: Path) -> None:
