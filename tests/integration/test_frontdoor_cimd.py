@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from okta_agent_proxy.frontdoor.addresses import address_allowed, check_client_id_url, checking_socket_factory
 from okta_agent_proxy.frontdoor.cimd import (
     FETCH_TIMEOUT_SECONDS,
     MAX_DOCUMENT_BYTES,
@@ -41,9 +42,6 @@ from okta_agent_proxy.frontdoor.cimd import (
     CimdRefused,
     ClientMetadata,
     ClientMetadataFetcher,
-    address_allowed,
-    check_client_id_url,
-    checking_socket_factory,
     is_client_id_url,
 )
 
