@@ -19,7 +19,7 @@ from aiohttp import web
 
 from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.errors import GatewayError, NotFound
-from okta_agent_proxy.gateway import Gateway
+from okta_agent_proxy.gateway import Gateway, replica_id
 from okta_agent_proxy.http.aiohttp_binding import Route, application
 from okta_agent_proxy.http.answers import error_answer
 from okta_agent_proxy.http.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
@@ -38,6 +38,7 @@ from okta_agent_proxy.reload import ConfigReloader
 from okta_agent_proxy.store.audit import AuditWriter
 from okta_agent_proxy.store.config_store import save_config
 from okta_agent_proxy.store.db import Store, migrate, open_store
+from okta_agent_proxy.store.frontdoor import FrontDoorStore
 
 log = get_logger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -104,8 +105,15 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
     by `build_metrics_app` on its own listener."""
     protect_server_logs()
     settings = loaded.settings
-    gateway = Gateway(loaded, audit=audit)
+    front_door_store = None
+    if settings.front_door:
+        if store is None:
+            raise ValueError("FRONT_DOOR=on needs the store")
+        front_door_store = FrontDoorStore(store.engine, replica=replica_id())
+    gateway = Gateway(loaded, audit=audit, front_door_store=front_door_store)
     edge = gateway.edge
+    # Clients find the front door (when on) from here; else the Okta issuer whose tokens are accepted.
+    authorization_server = settings.base_url if settings.front_door else settings.OKTA_ISSUER
 
     async def healthz(request: HttpRequest) -> Answer:
         return json_answer({"status": "ok"})
@@ -133,14 +141,14 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
         path = request.path[len(WELL_KNOWN) :]
         cors = {"Access-Control-Allow-Origin": "*"}
         if path in ("", "/"):
-            document = protected_resource_metadata(settings.base_url, "", settings.OKTA_ISSUER, generation.all_scopes)
+            document = protected_resource_metadata(settings.base_url, "", authorization_server, generation.all_scopes)
         else:
             route = generation.pipeline.routes.router.match(path)
             if route is None:
                 refusal = error_answer(NotFound("no protected resource at this path"), request_id(request))
                 return Answer(refusal.status, refusal.body, {**refusal.headers, **cors})
             document = protected_resource_metadata(
-                settings.base_url, path, settings.OKTA_ISSUER, generation.scopes[route.name], route.name
+                settings.base_url, path, authorization_server, generation.scopes[route.name], route.name
             )
         return json_answer(document, headers={"Cache-Control": "max-age=300", **cors})
 
@@ -153,6 +161,8 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
     ]
     if settings.METRICS_PORT is None:
         routes.append(Route("GET", "/metrics", edge_checked(edge, OPERATIONS, metrics_endpoint(audit))))
+    if gateway.front_door is not None:
+        routes += gateway.front_door.routes(edge)
     routes += [
         Route("GET", WELL_KNOWN, edge_checked(edge, PUBLIC_METADATA, protected_resource), prefix=True),
         Route("OPTIONS", WELL_KNOWN, edge_checked(edge, PUBLIC_METADATA, cors_preflight), prefix=True),

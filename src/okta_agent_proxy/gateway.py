@@ -28,6 +28,7 @@ from okta_agent_proxy.config.models import (
     PreSharedKeyBackend,
     ServiceAccountBackend,
 )
+from okta_agent_proxy.frontdoor.service import FrontDoor, cross_app_auth
 from okta_agent_proxy.http.edge import Edge
 from okta_agent_proxy.http.interface import Answer, HttpRequest
 from okta_agent_proxy.inbound.agents import AgentDirectory
@@ -45,7 +46,7 @@ from okta_agent_proxy.observability.request_metrics import MetricsObserver
 from okta_agent_proxy.outbound import static
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.outbound.cache import CachingProvider
-from okta_agent_proxy.outbound.cross_app import CrossAppProvider
+from okta_agent_proxy.outbound.cross_app import CrossAppProvider, FrontDoorLogins
 from okta_agent_proxy.outbound.discovery import AuthServerDiscovery
 from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
 from okta_agent_proxy.outbound.shared_cache import SharedCredentials, cache_keys
@@ -53,6 +54,7 @@ from okta_agent_proxy.pipeline import Pipeline, Upstream
 from okta_agent_proxy.policy.authz import Decisions
 from okta_agent_proxy.record import Observer, Observers
 from okta_agent_proxy.routing import BackendRouter, RouteTable
+from okta_agent_proxy.store.frontdoor import FrontDoorStore
 from okta_agent_proxy.store.redis import RedisLink
 
 log = get_logger(__name__)
@@ -72,6 +74,7 @@ def credential_provider(
     client: TokenEndpointClient,
     discovery: AuthServerDiscovery,
     shared: SharedCredentials | None = None,
+    front_door: FrontDoorLogins | None = None,
 ) -> CredentialProvider:
     if isinstance(backend, PreSharedKeyBackend):
         return static.pre_shared_key(backend.auth_config)
@@ -79,13 +82,19 @@ def credential_provider(
         return static.service_account(backend.auth_config)
     assert isinstance(backend, CrossAppBackend)
     settings = loaded.settings
-    if not settings.OKTA_DOMAIN or not settings.OKTA_ISSUER:
+    if not settings.OKTA_DOMAIN or not settings.authenticates:
         return static.UnavailableProvider(
-            "okta-cross-app", "Cross App Access needs OKTA_DOMAIN and OKTA_ISSUER, which are not set"
+            "okta-cross-app", "Cross App Access needs OKTA_DOMAIN, and OKTA_ISSUER or the front door"
         )
     return CachingProvider(
         CrossAppProvider(
-            name, backend, loaded.config.agents, okta_domain=settings.OKTA_DOMAIN, client=client, discovery=discovery
+            name,
+            backend,
+            loaded.config.agents,
+            okta_domain=settings.OKTA_DOMAIN,
+            client=client,
+            discovery=discovery,
+            front_door=front_door,
         ),
         shared=shared,
         namespace=credential_namespace(name, backend, loaded.config),
@@ -158,6 +167,7 @@ def build_pipeline(
     stream_slots: StreamSlots,
     audit: AuditSink | None = None,
     shared: SharedCredentials | None = None,
+    front_door: FrontDoorLogins | None = None,
 ) -> Pipeline:
     config: GatewayConfig = loaded.config
     client = TokenEndpointClient(idp_session)
@@ -174,7 +184,7 @@ def build_pipeline(
         decisions=Decisions(),
         upstreams={
             name: Upstream(
-                credential_provider(name, backend, loaded, client, discovery, shared),
+                credential_provider(name, backend, loaded, client, discovery, shared, front_door),
                 frozenset(h.lower() for h in backend.forward_headers),
             )
             for name, backend in config.backends.items()
@@ -200,7 +210,9 @@ class Generation:
 class Gateway:
     """Serves requests with the current generation; `reload` replaces it."""
 
-    def __init__(self, loaded: LoadedConfig, *, audit: AuditSink | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedConfig, *, audit: AuditSink | None = None, front_door_store: FrontDoorStore | None = None
+    ) -> None:
         self.settings = loaded.settings
         self._audit = audit
         self._idp_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
@@ -215,13 +227,33 @@ class Gateway:
             self.redis = RedisLink(loaded.settings.REDIS_URL, on_error=lambda op: REDIS_ERRORS.labels(op).inc())
             self._shared = SharedCredentials(self.redis, cache_keys(keys))
         self._background: set[asyncio.Future[None]] = set()
+        self.front_door: FrontDoor | None = None
+        self._front_door_logins: FrontDoorLogins | None = None
+        if loaded.settings.front_door:
+            if front_door_store is None:
+                raise ValueError("the front door needs the store")
+            self.front_door = FrontDoor(
+                loaded.settings,
+                front_door_store,
+                self._idp_session,
+                lambda: self.current.loaded.config,
+                self._backend_of,
+                redis=self.redis,
+            )
+            self._front_door_logins = FrontDoorLogins(self.front_door.held, cross_app_auth(loaded.settings))
         self.current = self._generation(loaded)
+
+    def _backend_of(self, path: str) -> str | None:
+        route = self.current.pipeline.routes.router.match(path)
+        return route.name if route is not None else None
 
     def _generation(self, loaded: LoadedConfig) -> Generation:
         identity = None
-        if self.validator is not None:
-            agents = AgentDirectory(loaded.config.agents, mode=self.settings.AGENT_IDENTIFICATION)
-            identity = Identity(self.validator, agents)
+        if self.validator is not None or self.front_door is not None:
+            agents = AgentDirectory(
+                loaded.config.agents, mode=self.settings.AGENT_IDENTIFICATION, front_door=loaded.config.front_door
+            )
+            identity = Identity(self.validator, agents, self.front_door)
         pool = UpstreamPool(loaded.config.backends, call_connections=self.settings.max_connections)
         scopes = scopes_by_backend(loaded.config)
         pipeline = build_pipeline(
@@ -234,6 +266,7 @@ class Gateway:
             self.stream_slots,
             self._audit,
             self._shared,
+            self._front_door_logins,
         )
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
 
@@ -245,6 +278,10 @@ class Gateway:
             self._spawn(_warm_jwks(self.validator))
         if self._shared is not None:
             self._spawn(self._shared.listen())
+        if self.front_door is not None:
+            await self.front_door.start()
+            if self.redis is not None:
+                self._spawn(self.front_door.liveness.listen())
 
     async def close(self) -> None:
         for task in self._background:

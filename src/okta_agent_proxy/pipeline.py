@@ -96,7 +96,7 @@ class Pipeline:
             record.route = route  # known before the edge refuses, so that a refusal on a backend route is audited
             self.edge.check(request)
             route = check_route(route, request)
-            caller = await self.identify(request, record)
+            caller = await self.identify(request, record, route)
             body, message = await self.inspect(request, record)
             self.authorize(caller, route, message)
             session = self.open_session(request, route, caller, message)
@@ -118,12 +118,12 @@ class Pipeline:
             # failed request would wait for the cyclic collector.
             record.error = None
 
-    async def identify(self, request: HttpRequest, record: RequestRecord) -> Caller | None:
+    async def identify(self, request: HttpRequest, record: RequestRecord, route: Route) -> Caller | None:
         """Authenticate (the Bearer token) and identify the agent; None without an inbound identity."""
         if self.identity is None:
             return None
         record.step("authenticate")
-        authenticated = await self.identity.authenticate(request.headers)
+        authenticated = await self.identity.authenticate(request.headers, route.name)
         record.principal = authenticated.principal
         try:
             caller = self.identity.identify(request.headers, authenticated)

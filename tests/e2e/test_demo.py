@@ -6,6 +6,8 @@ bash, so the test fails if the printed text drifts from what the gateway does.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -16,8 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
+from okta_agent_proxy.devkit.okta_emulator import User
+from tests.integration.test_front_door_flow import MemoryStorage, sdk_provider
+from tests.support.front_door import browser
 from tests.support.node_tools import env_with_node22, require_node_tool, services_required
 from tests.support.processes import ServerProcess, start_server
 
@@ -81,7 +89,7 @@ def test_printed_curl_commands_work(demo: Demo) -> None:
     assert "list_partners" in partners
     assert "Grace Hopper" in employee
     assert slow.count("notifications/progress") == 5 and "report ready" in slow
-    assert '"error":"authorization_denied"' in denied and '"agent_id":"claude-code"' in denied
+    assert '"error":"authorization_denied"' in denied and '"agent_id":"intern-bot"' in denied
     assert challenge.startswith("HTTP/1.1 401") and 'resource_metadata="' in challenge
     assert '"authorization_servers"' in metadata
     # employees is reached through Cross App Access: the exchange shows in the demo's log, once (then cached).
@@ -106,6 +114,31 @@ def test_printed_audit_command_runs_as_printed_and_shows_rows(demo: Demo) -> Non
             break
         assert time.monotonic() < deadline, rows
         time.sleep(0.2)
+
+
+def test_printed_claude_code_line_logs_in_through_the_front_door(demo: Demo) -> None:
+    """The server URL the demo prints for Claude Code, used by the MCP SDK's OAuth client as Claude Code would
+    (registering as "Claude Code (employees)"): the browser walk signs in with the printed password, and the
+    agent the client maps to reaches employees — through Cross App Access from the user's held ID token."""
+    text = demo.process.output()
+    url = next(line for line in text.splitlines() if line.strip().startswith("claude mcp add")).split()[-1]
+    found = re.search(r"Sign in as (\S+) with password (\S+) ", text)
+    assert found is not None, text
+    user = User(found.group(1), password=found.group(2))
+
+    async def session() -> str:
+        storage = MemoryStorage()
+        async with browser() as person:
+            provider = sdk_provider(url, person, storage, client_name="Claude Code (employees)", user=user)
+            async with (
+                httpx2.AsyncClient(auth=provider, timeout=30) as http,
+                Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
+            ):
+                result = await client.call_tool("get_employee", {"employee_id": "E002"})
+                return json.dumps(result.structured_content)
+
+    assert "Grace Hopper" in asyncio.run(session())
+    assert re.search(r"token_exchange_completed\s+agent=claude-code", demo.process.output())
 
 
 def test_an_edited_demo_config_is_applied(demo: Demo) -> None:

@@ -705,7 +705,7 @@ async def test_config_store_records_changes_and_no_secret(store: Store) -> None:
     change = await save_config(store.engine, first, file_hash=config_file_hash(b"v1"), source="config.yaml")
     assert change is not None
     assert change.previous_hash is None
-    assert {op["path"] for op in change.operations} == {"audit", "backends", "agents", "rate_limits"}
+    assert {op["path"] for op in change.operations} == {"audit", "backends", "agents", "rate_limits", "front_door"}
     assert await save_config(store.engine, first, file_hash=config_file_hash(b"v1")) is None  # nothing new
     secrets["key"] = "psk-rotated-known-secret"  # a rotated secret: only the file hash shows it
     rotated = _config(url="http://u:url-pass-9t@127.0.0.1:9000/mcp", private_key=private_key, partners=True, **secrets)

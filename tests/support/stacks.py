@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -208,11 +209,13 @@ async def audited_gateway(
     environ: Mapping[str, str] | None = None,
     writer_options: WriterOptions | None = None,
     handler_cancellation: bool = True,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[AuditedGateway]:
     """The gateway as `serve` assembles it (migrated store, started writer, `build_app(store=, audit=)`), in the
     running loop. On exit the server stops first, then the store closes (flushing the writer). Without
-    `handler_cancellation` (aiohttp's default) a client that hangs up is only noticed when its answer is written."""
-    with bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-audited-") as tmp:
+    `handler_cancellation` (aiohttp's default) a client that hangs up is only noticed when its answer is written.
+    `sock`: a socket already bound (`bound_socket()`), when the test must know the gateway's URL beforehand."""
+    with sock or bound_socket() as sock, tempfile.TemporaryDirectory(prefix="oap-audited-") as tmp:
         port: int = sock.getsockname()[1]
         values = {"GATEWAY_BASE_URL": f"http://{LOOPBACK}:{port}", "GATEWAY_PORT": port, **(settings or {})}
         values.setdefault("DATABASE_URL", database)

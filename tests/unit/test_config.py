@@ -890,7 +890,7 @@ def test_config_schema_is_strict_and_covers_every_auth_method() -> None:
     schema = config_schema()
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"backends", "agents", "audit", "rate_limits"}
+    assert set(schema["properties"]) == {"backends", "agents", "audit", "rate_limits", "front_door"}
     text = json.dumps(schema)
     for method in ("okta-cross-app", "pre-shared-key", "service-account"):
         assert f'"{method}"' in text

@@ -1,4 +1,8 @@
-"""`check`: validate .env, the environment and the YAML; print the files read and every problem; exit 2 on errors."""
+"""`check`: validate .env, the environment and the YAML; print the files read and every problem; exit 2 on errors.
+
+The problems are the loader's, so `check` refuses exactly what `serve` refuses: with FRONT_DOOR on, that includes
+each setting the front door cannot run with (`Settings.front_door_refusals`), as `error: env <NAME>: …`.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,11 @@ def check(config: str | None, env_file: str) -> None:
     for warning in loaded.warnings:
         click.echo(str(warning), err=True)
     cfg = loaded.config
-    click.echo(f"ok: {len(cfg.backends)} backend(s), {len(cfg.agents)} agent(s), {len(loaded.warnings)} warning(s)")
+    front_door = "on" if loaded.settings.front_door else "off"
+    click.echo(
+        f"ok: {len(cfg.backends)} backend(s), {len(cfg.agents)} agent(s), front door {front_door}, "
+        f"{len(loaded.warnings)} warning(s)"
+    )
 
 
 def _echo_files_read(sources: ConfigSources | None, env_file: str) -> None:

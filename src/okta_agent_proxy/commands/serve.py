@@ -102,11 +102,12 @@ def serve(config: str | None, env_file: str, host: str | None, port: int | None,
     loaded = load_or_exit(config, env_file)
     host = host or loaded.settings.GATEWAY_HOST
     port = loaded.settings.GATEWAY_PORT if port is None else port
-    if not loaded.settings.OKTA_ISSUER and not is_loopback_host(host):
-        # Without an issuer no caller is authenticated, and every caller would reach the backends with the
-        # gateway's credentials. Refuse to expose that beyond this machine.
+    if not loaded.settings.authenticates and not is_loopback_host(host):
+        # Without an issuer or the front door no caller is authenticated, and every caller would reach the backends
+        # with the gateway's credentials. Refuse to expose that beyond this machine.
         click.echo(
-            f"error: refusing to listen on {host} without OKTA_ISSUER: unauthenticated mode serves loopback only",
+            f"error: refusing to listen on {host} without OKTA_ISSUER or FRONT_DOOR=on: unauthenticated mode serves "
+            "loopback only",
             err=True,
         )
         raise SystemExit(EXIT_CONFIG)

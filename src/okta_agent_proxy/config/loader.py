@@ -222,8 +222,10 @@ def duplicate_keys(node: yaml.Node, path: str = "", seen: set[int] | None = None
     return problems
 
 
-def cross_check(config: GatewayConfig) -> list[Problem]:
-    """Problems no single model can see: references between backends and agents, and route clashes."""
+def cross_check(config: GatewayConfig, *, front_door: bool = False) -> list[Problem]:
+    """Problems no single model can see: references between backends and agents, and route clashes. With the
+    front door on, an agent without a key can still reach Cross App Access backends for front-door callers (the
+    gateway's own Okta app signs then): only a warning."""
     problems: list[Problem] = []
     seen_paths: dict[str, str] = {}
     for name, backend in config.backends.items():
@@ -253,31 +255,56 @@ def cross_check(config: GatewayConfig) -> list[Problem]:
             if target is None:
                 problems.append(Problem(where, f"backend {backend_name} is not defined", "warning"))
             elif isinstance(target, CrossAppBackend) and agent.private_key is None:
-                problems.append(
-                    Problem(
-                        f"agents.{name}.private_key",
-                        f"required: the agent may reach okta-cross-app backend {backend_name}",
+                if front_door:
+                    message = f"none: only front-door callers through this agent can reach {backend_name}"
+                    problems.append(Problem(f"agents.{name}.private_key", message, "warning"))
+                else:
+                    problems.append(
+                        Problem(
+                            f"agents.{name}.private_key",
+                            f"required: the agent may reach okta-cross-app backend {backend_name}",
+                        )
                     )
-                )
+    default_agent = config.front_door.default_agent
+    if default_agent is not None and default_agent not in config.agents:
+        problems.append(Problem("front_door.default_agent", f"agent {default_agent} is not defined"))
     return problems
 
 
 def check_cross_app_settings(config: GatewayConfig, settings: Settings) -> list[Problem]:
-    """Cross App Access needs the Okta org (step 1) and a verified caller (the subject token and the agent)."""
+    """Cross App Access needs the Okta org (step 1) and a verified caller (the subject token and the agent): an Okta
+    token (OKTA_ISSUER) or, with the front door on, the ID token the front door holds."""
     names = [name for name, backend in config.backends.items() if isinstance(backend, CrossAppBackend)]
+    needed = ("OKTA_DOMAIN",) if settings.front_door else ("OKTA_DOMAIN", "OKTA_ISSUER")
     return [
         Problem(
             f"env {variable}",
             f"not set: okta-cross-app backends ({', '.join(names)}) answer 502 token_exchange_failed without it",
             "warning",
         )
-        for variable in ("OKTA_DOMAIN", "OKTA_ISSUER")
+        for variable in needed
         if names and not getattr(settings, variable)
     ]
 
 
+def check_front_door(config: GatewayConfig, settings: Settings) -> list[Problem]:
+    """With FRONT_DOOR on, warn when no dynamically registered client could ever be an agent (the settings' own
+    refusals are in `check_settings_consistency`, reported even when the YAML does not load)."""
+    if not settings.front_door:
+        return []
+    if config.front_door.default_agent is None and not any(agent.client_names for agent in config.agents.values()):
+        why = (
+            "not set, and no agent has client_names: a dynamically registered client is no agent and gets 403 "
+            "(only CIMD clients and those in an agent's inbound_client_ids get through)"
+        )
+        return [Problem("front_door.default_agent", why, "warning")]
+    return []
+
+
 def check_settings_consistency(settings: Settings) -> list[Problem]:
-    problems: list[Problem] = []
+    """Problems between settings; with FRONT_DOOR on, an error per setting the front door cannot run with (so serve
+    refuses to start, as `check` does)."""
+    problems = [Problem(f"env {variable}", reason) for variable, reason in settings.front_door_refusals()]
     if settings.replicated and settings.SESSION_SECRET is None:
         why = "not set, while REDIS_URL or a PostgreSQL DATABASE_URL suggests replicas: serve refuses to start"
         problems.append(Problem("env SESSION_SECRET", why, "warning"))
@@ -290,15 +317,16 @@ def check_settings_consistency(settings: Settings) -> list[Problem]:
         if parts.scheme != "https" and not is_loopback_host(parts.hostname):
             problems.append(Problem(f"env {name}", "must use https (plain http only on loopback hosts)"))
     issuer = settings.OKTA_ISSUER
-    if not issuer:
+    if not settings.authenticates:
         problems.append(
             Problem(
                 "env OKTA_ISSUER",
-                "not set: callers are not authenticated, and serve listens on loopback addresses only",
+                "not set (nor FRONT_DOOR on): callers are not authenticated, and serve listens on loopback "
+                "addresses only",
                 "warning",
             )
         )
-    elif "/oauth2/" not in issuer:
+    elif issuer and "/oauth2/" not in issuer:
         problems.append(
             Problem(
                 "env OKTA_ISSUER",
@@ -372,8 +400,9 @@ def load(
         reported = {p.path for p in reference_problems if p.severity == "error"}
         problems += [p for p in problems_from(exc) if p.path not in reported]
         raise ConfigError(problems, sources) from None
-    problems += cross_check(config)
+    problems += cross_check(config, front_door=settings.front_door)
     problems += check_cross_app_settings(config, settings)
+    problems += check_front_door(config, settings)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems, sources)
     return LoadedConfig(

@@ -93,6 +93,8 @@ RoutePath = Annotated[str, AfterValidator(_route_path)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 ForwardableHeader = Annotated[str, AfterValidator(_forwardable_header)]
 Scope = Annotated[str, Field(min_length=1, pattern=r"^[\x21\x23-\x5b\x5d-\x7e]+$")]
+ClientNameGlob = Annotated[str, Field(min_length=1)]
+GroupName = Annotated[str, Field(min_length=1)]
 
 
 class PreSharedKeyAuth(Strict):
@@ -237,6 +239,13 @@ class Agent(Strict):
         InstanceOf[SigningKey] | None,
         WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "null"}]}),
     ] = Field(None, description="PEM (PKCS#8) or JWK private key; prefer ${ENV} or {file: …}.")
+    client_names: tuple[ClientNameGlob, ...] = Field(
+        (),
+        description=(
+            "Front door: globs (fnmatch) over the client_name a client registered dynamically, e.g. "
+            '"Claude Code (*)"; a match makes it this agent. Declared by the client, not verified.'
+        ),
+    )
     scopes: tuple[Scope, ...] = Field(("mcp:read",), description="Scopes every caller token must carry.")
     backend_access: tuple[str, ...] = Field((), description="Backends this agent may reach (deny by default).")
     enabled: bool = Field(True, description="A disabled agent is denied everything (403).")
@@ -268,11 +277,32 @@ class RateLimits(Strict):
     streams: StreamLimits = Field(StreamLimits(), description="Caps on open SSE streams; over → 429.")
 
 
+class FrontDoorConfig(Strict):
+    """Who a front-door client is and what its tokens may carry (DESIGN.md §8); read only while FRONT_DOOR is on."""
+
+    default_agent: str | None = Field(
+        None,
+        description=(
+            "The agent of a front-door client that no agent's inbound_client_ids or client_names matches "
+            "(unset: such a client gets 403). Must name a configured agent."
+        ),
+    )
+    default_scopes: tuple[Scope, ...] = Field(("mcp:read",), description="Scopes every signed-in user may be granted.")
+    scopes_by_group: dict[GroupName, tuple[Scope, ...]] = Field(
+        default_factory=dict,
+        description=(
+            "Okta group name → further scopes for its members (from the ID token's groups claim, which the app's "
+            "groups claim filter must send)."
+        ),
+    )
+
+
 class GatewayConfig(Strict):
     backends: dict[str, Backend] = Field(default_factory=dict)
     agents: dict[str, Agent] = Field(default_factory=dict)
     audit: AuditConfig = AuditConfig()
     rate_limits: RateLimits = RateLimits()
+    front_door: FrontDoorConfig = FrontDoorConfig()
 
 
 def config_schema() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from okta_agent_proxy.config.models import (
     AuditConfig,
     BackendCommon,
     CrossAppAuth,
+    FrontDoorConfig,
     PreSharedKeyAuth,
     ServiceAccountAuth,
     StreamLimits,
@@ -30,6 +31,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("agents.<name>", Agent),
     ("audit", AuditConfig),
     ("rate_limits.streams", StreamLimits),
+    ("front_door", FrontDoorConfig),
 )
 
 

@@ -1,14 +1,17 @@
 """`okta-agent-proxy demo`: the whole product on loopback, with nothing to configure and no Okta tenant.
 
 It starts the embedded Okta emulator — an org with a custom authorization server for the gateway's callers
-(`aus-gateway`), another for the `employees` backend (`aus-employees`), a user, and two agent apps, `cursor` with a
-key pair and a Cross App Access policy for `aus-employees` — and the two sample MCP backends as child processes:
+(`aus-gateway`), another for the `employees` backend (`aus-employees`), a user who can sign in with a password, the
+gateway's own OIDC app (the OAuth front door's, DESIGN.md §8), and three agent apps, `cursor` and `claude-code` with
+key pairs and Cross App Access policies for `aus-employees` — and the two sample MCP backends as child processes:
 `employees` accepts only access tokens `aus-employees` minted for it (so every call proves the ID-JAG exchange
 happened), `partners` only its pre-shared key. It writes a config that references the secrets as `${ENV}` (fresh
-values each run), runs the gateway in this process, and prints user tokens and commands that work as printed —
-one agent allowed, one denied; the `audit` command with this installation's full path, since `./run demo` does not
-put the venv on PATH. The secrets exist only in this process: a reload of the edited config resolves them from the
-environment snapshot taken at start. Ctrl-C stops everything.
+values each run), runs the gateway in this process with the front door on, and prints the line that adds the
+gateway to Claude Code (or VS Code) — whose login then runs through the emulated Okta sign-in and consent — and user
+tokens and commands that work as printed — agents allowed, one denied; the `audit` command with this
+installation's full path, since `./run demo` does not put the venv on PATH. The secrets exist only in this
+process: a reload of the edited config resolves them from the environment snapshot taken at start. Ctrl-C stops
+everything.
 """
 
 from __future__ import annotations
@@ -37,8 +40,25 @@ agents:
     backend_access: [employees, partners]
   claude-code:
     client_id: {claude_id}
+    private_key: ${{DEMO_CLAUDE_KEY}}
+    # Claude Code logging in through the front door: by its client metadata document, else by the name it registers
+    inbound_client_ids: [{claude_id}, "https://claude.ai/oauth/claude-code-client-metadata"]
+    client_names: ["Claude Code*"]
+    scopes: [mcp:read]
+    backend_access: [employees, partners]
+  vscode:
+    client_id: {vscode_id}
+    inbound_client_ids: ["https://vscode.dev/oauth/client-metadata.json"]
+    client_names: ["Visual Studio Code*", "VS Code*"]
+    scopes: [mcp:read]
+    backend_access: [employees, partners]
+  intern-bot:
+    client_id: {intern_id}
     scopes: [mcp:read]
     backend_access: [partners]
+front_door:
+  default_agent: intern-bot     # any other client that logs in: partners only
+  default_scopes: [mcp:read]
 backends:
   employees:
     url: http://127.0.0.1:{employees_port}/mcp
@@ -89,8 +109,12 @@ async def start_backend(name: str, port: int, env: dict[str, str]) -> asyncio.su
 
 
 CURSOR_ID = "0oademocursor0000001"
-CLAUDE_CODE = App("0oademoclaude0000002", "Claude Code")
-USER = User("ada.lovelace@example.com", "00udemoada0lovelace1")
+CLAUDE_ID = "0oademoclaude0000002"
+VSCODE_ID = "0oademovscode0000004"
+INTERN = App("0oademointern0000003", "Intern bot")
+GATEWAY_APP_ID = "0oademogateway000005"  # the gateway's own OIDC app: the front door signs users in as it
+PASSWORD = "lovelace-1815"
+USER = User("ada.lovelace@example.com", "00udemoada0lovelace1", password=PASSWORD, name="Ada Lovelace")
 AUTH_SERVER = "aus-gateway"
 EMPLOYEES_SERVER = "aus-employees"
 TOKEN_LIFETIME = 8 * 3600
@@ -107,7 +131,7 @@ def cli_command() -> str:
 def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdir: Path) -> str:
     accept = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
     cursor = '-H "Authorization: Bearer $CURSOR_TOKEN"'
-    claude = '-H "Authorization: Bearer $CLAUDE_TOKEN"'
+    intern = '-H "Authorization: Bearer $INTERN_TOKEN"'
     list_tools = shlex.quote('{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}')
     call = shlex.quote(
         '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_employee",'
@@ -122,20 +146,25 @@ def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdi
 Okta Agent Proxy demo: the gateway is at {gateway}
   employees (Cross App Access) {gateway}/employees   (also {gateway}/hr)
   partners  (pre-shared key)   {gateway}/partners
-  Okta emulator                {idp.issuer(AUTH_SERVER)}  (the gateway's OKTA_ISSUER)
-Agents: cursor may reach employees and partners; claude-code only partners. Your token never reaches a backend:
-for employees the gateway trades it at the emulated Okta for an ID-JAG, then for a token of employees' own
-authorization server (watch for token_exchange_completed in this log); partners gets its pre-shared key.
+  Okta emulator                {idp.base_url}  (OKTA_DOMAIN; callers' tokens from {idp.issuer(AUTH_SERVER)})
+Agents: cursor, claude-code and vscode may reach employees and partners; intern-bot only partners. Your token never
+reaches a backend: for employees the gateway trades it at the emulated Okta for an ID-JAG, then for a token of
+employees' own authorization server (watch for token_exchange_completed in this log); partners gets its key.
 
-User {USER.login}'s access tokens (valid {TOKEN_LIFETIME // 3600} h), one per agent app — paste into another terminal:
+Log in from an MCP client (the OAuth front door: a browser opens the emulated Okta sign-in, then a consent page):
+  claude mcp add --transport http employees {gateway}/employees
+  VS Code, in .vscode/mcp.json: {{"servers": {{"employees": {{"type": "http", "url": "{gateway}/employees"}}}}}}
+  Sign in as {USER.login} with password {PASSWORD} (the sign-in page shows them too).
+
+Or paste user {USER.login}'s access tokens (valid {TOKEN_LIFETIME // 3600} h), one per agent app, into a terminal:
   export CURSOR_TOKEN={tokens["cursor"]}
-  export CLAUDE_TOKEN={tokens["claude-code"]}
+  export INTERN_TOKEN={tokens["intern-bot"]}
 
 Then try:
   curl -sN {gateway}/partners {accept} {cursor} -d {list_tools}
   curl -sN {gateway}/employees {accept} {cursor} -d {call}
   curl -sN {gateway}/hr {accept} {cursor} -d {slow}      # progress events arrive one by one
-  curl -s  {gateway}/employees {accept} {claude} -d {list_tools}   # 403: claude-code may not reach employees
+  curl -s  {gateway}/employees {accept} {intern} -d {list_tools}   # 403: intern-bot may not reach employees
   curl -si {gateway}/employees {accept} -d {list_tools}   # 401 with the discovery challenge
   curl -s  {gateway}/.well-known/oauth-protected-resource/employees
   npx -y @modelcontextprotocol/inspector@2.12.0 --cli {gateway}/partners --transport http --method tools/list \\
@@ -151,9 +180,15 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="okta-agent-proxy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     gateway = f"http://localhost:{port}"
-    agent_key = keys.generate_rsa_key()
+    agent_key, claude_key = keys.generate_rsa_key(), keys.generate_rsa_key()
     signing_key = keys.load_signing_key(keys.private_pem(agent_key))
-    secrets_env = {"DEMO_PARTNERS_KEY": secrets.token_urlsafe(24), "DEMO_CURSOR_KEY": keys.private_pem(agent_key)}
+    claude_signing_key = keys.load_signing_key(keys.private_pem(claude_key))
+    app_secret = secrets.token_urlsafe(24)
+    secrets_env = {
+        "DEMO_PARTNERS_KEY": secrets.token_urlsafe(24),
+        "DEMO_CURSOR_KEY": keys.private_pem(agent_key),
+        "DEMO_CLAUDE_KEY": keys.private_pem(claude_key),
+    }
     ports = {"employees_port": free_port(), "partners_port": free_port()}
     employees_url = f"http://127.0.0.1:{ports['employees_port']}/mcp"
     servers = [
@@ -161,14 +196,32 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
         AuthorizationServer(EMPLOYEES_SERVER, employees_url, scopes=("employees:read",), resources=(employees_url,)),
     ]
     cursor = App(CURSOR_ID, "Cursor", public_jwk=signing_key.public_jwk())
-    policy = XaaPolicy(CURSOR_ID, EMPLOYEES_SERVER, resources=(employees_url,), scopes=("employees:read",))
-    idp = OktaEmulator(auth_servers=servers, users=[USER], apps=[cursor, CLAUDE_CODE], xaa_policies=[policy])
+    claude = App(CLAUDE_ID, "Claude Code", public_jwk=claude_signing_key.public_jwk())
+    gateway_app = App(
+        GATEWAY_APP_ID, "Okta Agent Proxy", client_secret=app_secret, redirect_uris=(f"{gateway}/oauth/callback",)
+    )
+    policies = [
+        XaaPolicy(client, EMPLOYEES_SERVER, resources=(employees_url,), scopes=("employees:read",))
+        for client in (CURSOR_ID, CLAUDE_ID, GATEWAY_APP_ID)
+    ]
+    idp = OktaEmulator(
+        auth_servers=servers,
+        users=[USER],
+        apps=[cursor, claude, INTERN, gateway_app],
+        xaa_policies=policies,
+        sign_in_notice=f"Demo user: {USER.login} / {PASSWORD}",
+    )
     async with idp:
         employees_issuer = idp.issuer(EMPLOYEES_SERVER)
         config_path = workdir / "config.yaml"
         config_path.write_text(
             DEMO_CONFIG.format(
-                **ports, cursor_id=CURSOR_ID, claude_id=CLAUDE_CODE.client_id, employees_issuer=employees_issuer
+                **ports,
+                cursor_id=CURSOR_ID,
+                claude_id=CLAUDE_ID,
+                vscode_id=VSCODE_ID,
+                intern_id=INTERN.client_id,
+                employees_issuer=employees_issuer,
             ),
             encoding="utf-8",
         )
@@ -176,7 +229,7 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
             name: idp.mint_access_token(
                 AUTH_SERVER, user=USER, client_id=app.client_id, scopes=["mcp:read"], lifetime=TOKEN_LIFETIME
             )
-            for name, app in (("cursor", cursor), ("claude-code", CLAUDE_CODE))
+            for name, app in (("cursor", cursor), ("intern-bot", INTERN))
         }
         processes = [
             await start_backend(
@@ -205,6 +258,10 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
                         "OKTA_DOMAIN": idp.base_url,
                         "OKTA_ISSUER": idp.issuer(AUTH_SERVER),
                         "DATABASE_URL": f"sqlite:///{workdir / 'audit.db'}",
+                        "DATA_DIR": str(workdir),
+                        "FRONT_DOOR": "on",
+                        "OKTA_CLIENT_ID": GATEWAY_APP_ID,
+                        "OKTA_CLIENT_SECRET": app_secret,
                     },
                 )
             except ConfigError as exc:  # pragma: no cover - the demo writes its own config

@@ -2,14 +2,16 @@
 
 Claims: `iss` = `GATEWAY_BASE_URL`; `aud` = the one resource (a backend's URL under the gateway) the token was issued
 for; `sub` = the Okta ID token's `sub` (the user); `client_id` = the MCP client; `scope` (space-separated); `grant` =
-the grant it came from, so a revoked grant's tokens can be refused before they expire; `jti`, `iat`, `exp`.
-Header `typ: at+jwt` and the signing key's `kid`.
+the grant it came from, so a revoked grant's tokens can be refused before they expire; `jti`, `iat`, `exp`; and, for
+a dynamically registered client, `client_name` as it registered (signed here, so later requests need not look it
+up: the agent is found from it on every request, under the config of that moment). Header `typ: at+jwt` and the
+signing key's `kid`.
 
 Verification accepts only what this module mints: `typ` at+jwt, `alg` ES256 (never what the token's header asks
 for), a `kid` among the published keys (the current one and, through a rotation, the previous), `iss`, `exp` with
-the leeway, and an `aud` that must equal the resource the request is routed to. The JOSE work is PyJWT's, as for Okta's
-tokens and the client assertions elsewhere in the gateway: one JOSE library, already verified against Okta-shaped
-and third-party tokens in the tests.
+the leeway, and an `aud` the caller accepts: one naming the backend the request is routed to. The JOSE work is
+PyJWT's, as for Okta's tokens and the client assertions elsewhere in the gateway: one JOSE library, already verified
+against Okta-shaped and third-party tokens in the tests.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class FrontDoorClaims:
     grant_id: str
     jti: str
     expires_at: float
+    client_name: str | None = None
 
 
 def generate_signing_key() -> SigningKey:
@@ -77,9 +80,18 @@ class FrontDoorTokens:
         """The document at `/oauth/jwks`: every key that verifies, without private members."""
         return {"keys": [key.public_jwk() for key in self._keys]}
 
-    def mint(self, *, subject: str, client_id: str, resource: str, scopes: Sequence[str], grant_id: str) -> str:
+    def mint(
+        self,
+        *,
+        subject: str,
+        client_id: str,
+        resource: str,
+        scopes: Sequence[str],
+        grant_id: str,
+        client_name: str | None = None,
+    ) -> str:
         now = int(self._clock())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": resource,
             "sub": subject,
@@ -90,6 +102,8 @@ class FrontDoorTokens:
             "iat": now,
             "exp": now + self._ttl,
         }
+        if client_name is not None:
+            claims["client_name"] = client_name
         key = self._keys[0]
         return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": TOKEN_TYPE})
 
@@ -97,8 +111,21 @@ class FrontDoorTokens:
     def ttl_seconds(self) -> int:
         return self._ttl
 
+    def issued(self, token: str) -> bool:
+        """Whether `token` names one of this gateway's keys (unverified: which verifier to use, not whether to
+        trust it)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return False
+        return header.get("typ") == TOKEN_TYPE and str(header.get("kid")) in self._public
+
     def verify(self, token: str, resource: str) -> FrontDoorClaims:
         """The claims of a token this gateway minted for `resource`; InvalidFrontDoorToken otherwise."""
+        return self.verify_for(token, lambda audience: audience == resource)
+
+    def verify_for(self, token: str, accepts: Callable[[str], bool]) -> FrontDoorClaims:
+        """The claims of a token this gateway minted for an audience `accepts`; InvalidFrontDoorToken otherwise."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -114,14 +141,19 @@ class FrontDoorTokens:
                 public,
                 algorithms=[ALGORITHM],
                 issuer=self.issuer,
-                audience=resource,
-                # time is checked below, on this gateway's clock (PyJWT reads the system's)
-                options={"require": list(_REQUIRED), "verify_exp": False, "verify_iat": False, "verify_nbf": False},
+                # time is checked below, on this gateway's clock (PyJWT reads the system's); the audience by `accepts`
+                options={
+                    "require": list(_REQUIRED),
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                    "verify_aud": False,
+                },
             )
-        except jwt.InvalidAudienceError:
-            raise InvalidFrontDoorToken("issued for another resource") from None
         except jwt.PyJWTError as exc:
             raise InvalidFrontDoorToken(f"refused ({type(exc).__name__})") from None
+        if not isinstance(claims["aud"], str) or not accepts(claims["aud"]):
+            raise InvalidFrontDoorToken("issued for another resource")
         if not isinstance(claims["exp"], int | float) or self._clock() > claims["exp"] + self._leeway:
             raise InvalidFrontDoorToken("expired")
         if not all(isinstance(claims[name], str) for name in ("aud", "sub", "client_id", "scope", "grant", "jti")):
@@ -129,9 +161,10 @@ class FrontDoorTokens:
         return FrontDoorClaims(
             subject=claims["sub"],
             client_id=claims["client_id"],
-            resource=resource,
+            resource=claims["aud"],
             scopes=tuple(claims["scope"].split()),
             grant_id=claims["grant"],
             jti=claims["jti"],
             expires_at=float(claims["exp"]),
+            client_name=claims["client_name"] if isinstance(claims.get("client_name"), str) else None,
         )

@@ -54,6 +54,10 @@ class AiohttpRequest:
     def query_string(self) -> str:
         return self._request.rel_url.raw_query_string
 
+    @property
+    def remote(self) -> str | None:
+        return self._request.remote
+
     def query_names(self) -> Iterable[str]:
         return self._request.query.keys()
 

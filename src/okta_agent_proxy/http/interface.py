@@ -57,6 +57,11 @@ class HttpRequest(Protocol):
     @property
     def headers(self) -> CIMultiDictProxy[str]: ...
 
+    @property
+    def remote(self) -> str | None:
+        """The peer's address (a proxy's, behind one)."""
+        ...
+
     def query_names(self) -> Iterable[str]:
         """The names of the query's parameters, decoded."""
         ...

@@ -9,6 +9,7 @@ step (the Cross App Access subject token) and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
@@ -40,6 +41,11 @@ class Caller:
         return self.principal.expires_at
 
     @property
+    def grant_id(self) -> str | None:
+        """The front-door grant behind the token (its held Okta ID token is Cross App Access's subject)."""
+        return self.principal.grant_id
+
+    @property
     def user(self) -> str:
         """The user: the token's `uid` when it has one, else its `sub` (DESIGN.md §2)."""
         return self.principal.uid or self.principal.subject
@@ -67,13 +73,27 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str:
     return token
 
 
+class OwnTokens(Protocol):
+    """The gateway's own tokens (the OAuth front door, DESIGN.md §8), good only on the backend they name."""
+
+    def issued(self, token: str) -> bool: ...
+
+    async def verify(self, token: str, backend: str) -> Principal: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
-    validator: OktaTokenValidator
+    validator: OktaTokenValidator | None  # None: only the gateway's own tokens are accepted
     agents: AgentDirectory
+    own_tokens: OwnTokens | None = None
 
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Authenticated:
+    async def authenticate(self, headers: CIMultiDictProxy[str], backend: str) -> Authenticated:
+        """The token's verified principal — by the verifier of whoever issued it — for a request to `backend`."""
         token = bearer_token(headers)
+        if self.own_tokens is not None and self.own_tokens.issued(token):
+            return Authenticated(await self.own_tokens.verify(token, backend), token)
+        if self.validator is None:
+            raise InvalidToken("this gateway accepts only the tokens it issues: sign in through it")
         return Authenticated(await self.validator.validate(token), token)
 
     def identify(self, headers: CIMultiDictProxy[str], who: Authenticated) -> Caller:

@@ -40,6 +40,8 @@ class Principal:
     expires_at: float
     jti: str | None
     token_hash: str
+    grant_id: str | None = None  # a front-door token's grant (DESIGN.md §8); None for Okta's tokens
+    client_name: str | None = None  # a front-door client's registered name (declared, not verified)
 
 
 def token_hash(token: str) -> str:

@@ -37,6 +37,9 @@ class Subject(Protocol):
     @property
     def token_expires_at(self) -> float: ...
 
+    @property
+    def grant_id(self) -> str | None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class CredentialRequest:
@@ -47,13 +50,21 @@ class CredentialRequest:
     subject_token: str | None = field(default=None, repr=False)  # the caller's access token
     subject_token_expires_at: float | None = None
     id_token: str | None = field(default=None, repr=False)  # from the backend's `id_token_header`, if configured
+    grant_id: str | None = None  # a front-door caller's grant: its held Okta ID token is the subject (DESIGN.md §8)
 
 
 def credential_request(backend: str, caller: Subject | None, id_token: str | None = None) -> CredentialRequest:
     if caller is None:
         return CredentialRequest(backend=backend, id_token=id_token)
     return CredentialRequest(
-        backend, caller.agent_name, caller.issuer, caller.subject, caller.token, caller.token_expires_at, id_token
+        backend,
+        caller.agent_name,
+        caller.issuer,
+        caller.subject,
+        caller.token,
+        caller.token_expires_at,
+        id_token,
+        caller.grant_id,
     )
 
 

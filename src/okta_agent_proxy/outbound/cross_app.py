@@ -12,13 +12,19 @@ Errors map as DESIGN.md §1's table says, so a client sees what it can act on:
 - the IdP or AS unreachable, timing out or failing (5xx) → 503 `idp_unavailable` with Retry-After — never a
   revocation.
 The IdP's own description is logged for the operator and never sent to the client. Caching is `CachingProvider`'s.
+
+A caller who logged in through the OAuth front door (DESIGN.md §8) brings the gateway's own token, which Okta does
+not know: step 1 then presents the Okta ID token the gateway holds for that login (`subject_token_type` id_token),
+authenticated as the gateway's Okta app — the ID token's audience — or as the AI agent linked to it; step 2
+authenticates as that same client unless the backend names its own (`target_client_id`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 import jwt
 import structlog
@@ -56,6 +62,18 @@ def org_base_url(okta_domain: str) -> str:
     return domain if "://" in domain else f"https://{domain}"
 
 
+class HeldIdTokens(Protocol):
+    async def id_token(self, grant_id: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class FrontDoorLogins:
+    """What Cross App Access needs for front-door callers: their held ID tokens, and who presents them."""
+
+    id_tokens: HeldIdTokens
+    auth: ClientAuth
+
+
 class CrossAppProvider:
     method = "okta-cross-app"
 
@@ -68,8 +86,10 @@ class CrossAppProvider:
         okta_domain: str,
         client: TokenEndpointClient,
         discovery: AuthServerDiscovery,
+        front_door: FrontDoorLogins | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._front_door = front_door
         self._name = backend_name
         self._config = backend.auth_config
         self._resource = backend.auth_config.resource or backend.url
@@ -88,18 +108,28 @@ class CrossAppProvider:
         return credential_request(self._name, caller, headers.get(id_token_header) if id_token_header else None)
 
     async def get(self, request: CredentialRequest) -> Credential:
-        agent = self._agents.get(request.agent or "")
-        if agent is None or agent.private_key is None:
-            raise CredentialUnavailable(
-                f"agent {request.agent} has no key for Cross App Access to {self._name}", agent_id=request.agent
+        if request.grant_id is not None:
+            if self._front_door is None:
+                raise CredentialUnavailable("the front door is off", agent_id=request.agent)
+            subject_token = await self._front_door.id_tokens.id_token(request.grant_id)
+            subject_type = ID_TOKEN_TYPE
+            target = await self._target(request.agent)
+            step1_auth = self._front_door.auth
+            step2_auth = self._step2_front_door_auth(target)
+        else:
+            agent = self._agents.get(request.agent or "")
+            if agent is None or agent.private_key is None:
+                raise CredentialUnavailable(
+                    f"agent {request.agent} has no key for Cross App Access to {self._name}", agent_id=request.agent
+                )
+            subject_token, subject_type = self._subject(request)
+            target = await self._target(request.agent)
+            step1_auth = ClientAuth.private_key_jwt(
+                agent.client_id,
+                agent.private_key,
+                self._org_issuer if self._config.client_assertion_audience == "issuer" else None,
             )
-        subject_token, subject_type = self._subject(request)
-        target = await self._target(request.agent)
-        step1_auth = ClientAuth.private_key_jwt(
-            agent.client_id,
-            agent.private_key,
-            self._org_issuer if self._config.client_assertion_audience == "issuer" else None,
-        )
+            step2_auth = self._step2_auth(agent, target)
         try:
             grant = await exchange_for_id_jag(
                 self._client,
@@ -117,7 +147,7 @@ class CrossAppProvider:
             token = await redeem_id_jag(
                 self._client,
                 token_endpoint=target.token_endpoint,
-                auth=self._step2_auth(agent, target),
+                auth=step2_auth,
                 id_jag=grant.access_token,
                 scopes=self._config.scopes,
             )
@@ -179,6 +209,17 @@ class CrossAppProvider:
         assert agent.private_key is not None
         audience = target.issuer if config.client_assertion_audience == "issuer" else None
         return ClientAuth.private_key_jwt(config.target_client_id or agent.client_id, agent.private_key, audience)
+
+    def _step2_front_door_auth(self, target: AuthorizationServerInfo) -> ClientAuth:
+        config = self._config
+        if config.target_client_secret is not None and config.target_client_id is not None:
+            return ClientAuth.client_secret_basic(config.target_client_id, config.target_client_secret)
+        assert self._front_door is not None
+        auth = self._front_door.auth
+        if auth.method == "private_key_jwt" and auth.key is not None:
+            audience = target.issuer if config.client_assertion_audience == "issuer" else None
+            return ClientAuth.private_key_jwt(config.target_client_id or auth.client_id, auth.key, audience)
+        return auth
 
     def _fail(self, exc: TokenEndpointError | TokenEndpointUnavailable, *, step: int, agent: str | None) -> NoReturn:
         where = "Okta" if step == 1 else f"the authorization server of {self._name}"

@@ -115,13 +115,15 @@ class GrantStore:
         okta_refresh_token: bytes | None,
         okta_refresh_token_expires_at: datetime | None,
         expires_at: datetime,
+        grant_id: str | None = None,
     ) -> Grant:
-        """Store a login (tokens sealed by the caller). `expires_at`: until when it lives without a refresh token —
-        a short time (the consent's) is right: `issue_refresh_token` extends it to each token's expiry, so a login
-        whose consent is never given goes away soon."""
+        """Store a login (tokens sealed by the caller, who may choose the id they are sealed to; else a random
+        one). `expires_at`: until when it lives without a refresh token — a short time (the consent's) is right:
+        `issue_refresh_token` extends it to each token's expiry, so a login whose consent is never given goes away
+        soon."""
         now = self._clock()
         grant = Grant(
-            grant_id=secrets.token_urlsafe(18),
+            grant_id=grant_id or secrets.token_urlsafe(18),
             user_sub=user_sub,
             user_claims=dict(user_claims),
             client_id=client_id,

@@ -84,6 +84,10 @@ class RevokeReason(StrEnum):
 
     CODE_REPLAY = "code_replay"
     REFRESH_TOKEN_REUSE = "refresh_token_reuse"
+    PKCE_FAILURE = "pkce_failure"  # a code redeemed with the wrong verifier, client or redirect URI
+    CONSENT_DENIED = "consent_denied"
+    CLIENT_REQUEST = "client_request"  # RFC 7009 revocation by the client
+    OKTA_REFUSED = "okta_refused"  # Okta answered invalid_grant to a refresh: the user's Okta session is over
 
 
 class EventKind(StrEnum):
@@ -98,6 +102,7 @@ class EventKind(StrEnum):
     CODE_REPLAY = "code_replay"
     REVOCATION = "revocation"
     REFUSAL = "refusal"
+    OKTA_REFRESH = "okta_refresh"
 
 
 # ---------------------------------------------------------------- records
