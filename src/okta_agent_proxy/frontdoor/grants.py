@@ -153,7 +153,7 @@ class HeldIdTokens:
             if valid:
                 return token
             raise InvalidToken("this login has expired; sign in again")
-        lease = await self._store.acquire_okta_refresh(grant.grant_id, ttl=LEASE)
+        lease = await self._store.acquire_okta_refresh(grant.grant_id, ttl=LEASE, version=grant.version)
         if lease is None:
             return await self._after_other_refresh(grant, token, valid)
         refresh = self._sealer.open(grant.okta_refresh_token, refresh_token_aad(grant.grant_id))

@@ -320,11 +320,16 @@ class GrantStore:
 
     # ------------------------------------------------------------ Okta tokens: single-flight refresh
 
-    async def acquire_okta_refresh(self, grant_id: str, *, ttl: timedelta) -> OktaRefreshLease | None:
+    async def acquire_okta_refresh(
+        self, grant_id: str, *, ttl: timedelta, version: int | None = None
+    ) -> OktaRefreshLease | None:
         """The lease to refresh a live grant's Okta tokens for `ttl` (longer than the Okta call's timeout), or None
-        while another replica holds it — then wait for `Grant.version` to change, or for the lease to end."""
+        while another replica holds it — then wait for `Grant.version` to change, or for the lease to end.
+        `version`: the version the caller read; None also when another caller refreshed since (no second refresh
+        with the tokens the first one replaced)."""
         now = self._clock()
         holder = secrets.token_hex(8)
+        same = (_g.version == version,) if version is not None else ()
         async with write_transaction(self._engine) as connection:
             won = await connection.execute(
                 update(oauth_grants)
@@ -332,6 +337,7 @@ class GrantStore:
                     _g.grant_id == grant_id,
                     _g.revoked_at.is_(None),
                     or_(_g.refresh_lease_until.is_(None), _g.refresh_lease_until <= now),
+                    *same,
                 )
                 .values(refresh_lease_holder=holder, refresh_lease_until=now + ttl)
             )
