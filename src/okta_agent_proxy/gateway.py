@@ -280,6 +280,7 @@ class Gateway:
             self._spawn(self._shared.listen())
         if self.front_door is not None:
             await self.front_door.start()
+            self._spawn(self.front_door.keep_pruning())
             if self.redis is not None:
                 self._spawn(self.front_door.liveness.listen())
 

@@ -172,7 +172,10 @@ class Browser:
         return hop
 
     async def post(self, url: str, form: Mapping[str, str], headers: Mapping[str, str] | None = None) -> Hop:
-        async with self.http.post(url, data=dict(form), headers=headers, allow_redirects=False) as response:
+        """A form posted from a page of the same origin, with the `Origin` a browser sends."""
+        parts = urlsplit(url)
+        sent = {"Origin": f"{parts.scheme}://{parts.netloc}", **(headers or {})}
+        async with self.http.post(url, data=dict(form), headers=sent, allow_redirects=False) as response:
             hop = Hop(response.status, response.headers, await response.text(), url)
         self.hops.append(hop)
         return hop

@@ -246,7 +246,7 @@ def test_headers_forbid_scripts_frames_caching_and_sniffing() -> None:
     assert HTML_HEADERS["X-Frame-Options"] == "DENY"
     assert HTML_HEADERS["Cache-Control"] == "no-store"
     assert HTML_HEADERS["Pragma"] == "no-cache"
-    assert HTML_HEADERS["Referrer-Policy"] == "no-referrer"
+    assert HTML_HEADERS["Referrer-Policy"] == "same-origin"
     assert HTML_HEADERS["X-Content-Type-Options"] == "nosniff"
     assert "Content-Type" not in HTML_HEADERS  # the answer's content type is CONTENT_TYPE
     with pytest.raises(TypeError):

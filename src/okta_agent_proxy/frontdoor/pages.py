@@ -47,7 +47,9 @@ HTML_HEADERS: Mapping[str, str] = MappingProxyType(
         "X-Frame-Options": "DENY",
         "Cache-Control": "no-store",
         "Pragma": "no-cache",
-        "Referrer-Policy": "no-referrer",
+        # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` with the consent form's POST,
+        # which the edge refuses; the redirect to the client still carries no Referer
+        "Referrer-Policy": "same-origin",
         "X-Content-Type-Options": "nosniff",
     }
 )
@@ -109,7 +111,7 @@ def _document(title: str, body: str) -> bytes:
         "<!doctype html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="referrer" content="no-referrer">'
+        '<meta name="referrer" content="same-origin">'
         f"<title>{_shown(title)}</title><style>{_STYLE}</style></head>"
         f"<body><main>{body}</main></body></html>\n"
     )
@@ -135,7 +137,8 @@ def _client_rows(view: ConsentView) -> str:
 
 
 def _redirect_row(host: str) -> str:
-    where = " (an application on this device)" if host.lower() in _LOOPBACK_HOSTS else ""
+    name = host.lower().rsplit(":", 1)[0] if not host.endswith("]") else host.lower()
+    where = " (an application on this device)" if host.lower() in _LOOPBACK_HOSTS or name in _LOOPBACK_HOSTS else ""
     return f"<dt>Sends you back to</dt><dd>{_untrusted(host)}{where}</dd>"
 
 

@@ -9,9 +9,12 @@ POST with the default rules (an `Origin` must be the gateway's own), the endpoin
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,11 +42,12 @@ from okta_agent_proxy.inbound.validator import Principal
 from okta_agent_proxy.keys import load_signing_key
 from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.oauth_client import ClientAuth
-from okta_agent_proxy.store.frontdoor import FrontDoorStore
+from okta_agent_proxy.store.frontdoor import FrontDoorStore, Retention
 from okta_agent_proxy.store.redis import RedisLink
 
 log = structlog.get_logger(__name__)
 _MAX_VERIFIED = 10_000
+PRUNE_SECONDS = 3600.0
 _CORS = {"Access-Control-Allow-Origin": "*"}
 
 
@@ -118,6 +122,23 @@ class FrontDoor:
             leeway=self.settings.JWT_LEEWAY_SECONDS,
         )
 
+    async def keep_pruning(self, every: float = PRUNE_SECONDS) -> None:
+        """Delete what can no longer be used (spent codes and states, dead grants, idle clients, old events), on
+        every replica: the deletes are idempotent, so replicas pruning at once only repeat each other's work."""
+        while True:
+            await asyncio.sleep(every * random.uniform(0.5, 1.0))  # noqa: S311 - spreads replicas, not a secret
+            config = self.context.config()
+            retention = Retention(
+                events=timedelta(days=config.audit.retention_days),
+                refresh_grace=timedelta(seconds=self.settings.FRONT_DOOR_REFRESH_GRACE_SECONDS),
+            )
+            try:
+                pruned = await self.context.store.prune(retention)
+            except Exception as exc:  # the store is down: try again next time
+                log.warning("front_door_prune_failed", reason=type(exc).__name__)
+            else:
+                log.info("front_door_pruned", **pruned)
+
     # ------------------------------------------------------------ inbound: the gateway's own tokens
 
     def issued(self, token: str) -> bool:
@@ -143,7 +164,7 @@ class FrontDoor:
         return Principal(
             issuer=self.settings.base_url,
             subject=claims.subject,
-            uid=None,
+            uid=claims.subject,  # the Okta user id, as an Okta access token's `uid`: one user, whichever token
             client_id=claims.client_id,
             scopes=frozenset(claims.scopes),
             expires_at=claims.expires_at,
