@@ -131,6 +131,7 @@ class Pipeline:
             record.agent_id = self.identity.verified_agent(denied)
             raise
         record.agent_id = caller.agent_name
+        record.agent_evidence = caller.agent.evidence
         return caller
 
     async def inspect(self, request: HttpRequest, record: RequestRecord) -> tuple[bytes | None, McpMessage | None]:

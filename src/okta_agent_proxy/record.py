@@ -103,6 +103,7 @@ class RequestRecord:
     route: Route | None = None
     principal: Principal | None = None
     agent_id: str | None = None
+    agent_evidence: str | None = None  # how the agent was identified (`inbound.agents.Evidence`)
     message: McpMessage | None = None
     bytes_in: int = 0
     credential_method: str | None = None

@@ -56,7 +56,7 @@ from tests.support.stacks import postgres_database
 from tests.unit.helpers import pem, pem_body_chunks, rsa_key
 
 # Recent (retention prunes by the real clock), with microseconds (they must survive the round trip).
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 T0 = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=123456)
 WAIT_SECONDS = 10.0
 
@@ -204,11 +204,11 @@ async def test_migrating_an_existing_database_keeps_its_rows(database_url: str) 
     await migrate(database_url, "0001")
     store = await open_store(database_url)
     try:
-        writer = store.writer(AuditConfig())
-        await writer.start()
-        for index in range(3):
-            await writer.record(make_event(index))
-        await writer.close()
+        async with store.engine.begin() as connection:  # rows as 0001's gateway wrote them (its columns only)
+            for index in range(3):
+                await insert_row_with_time(
+                    connection, T0 if connection.dialect.name != "sqlite" else "2026-01-01 00:00:00", f"req-{index:05d}"
+                )
         await migrate(database_url)  # 0001 → head, then head → head: each must keep every row
         await migrate(database_url)
         assert await _version(store.engine) == [HEAD_REVISION]

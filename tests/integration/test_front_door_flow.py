@@ -123,6 +123,7 @@ async def test_sdk_client_registers_logs_in_and_calls_tools(stack: FrontDoorStac
     assert mcp_rows and {row["agent"] for row in mcp_rows} == {"claude-code"}  # by client_names
     assert {row["user_sub"] for row in mcp_rows} == {ADA.uid}
     assert {row["client_id"] for row in mcp_rows} == {storage.client.client_id}
+    assert {row["agent_evidence"] for row in mcp_rows} == {"client_name"}  # declared, not verified
 
 
 async def sign_in(

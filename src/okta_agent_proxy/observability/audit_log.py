@@ -72,4 +72,5 @@ def audit_event(record: RequestRecord, replica: str, record_arguments: bool) -> 
         relay.bytes_out if relay is not None else 0,
         error.detail if error else None,
         message.arguments if record_arguments and message else None,
+        record.agent_evidence,
     )

@@ -42,3 +42,4 @@ class AuditEvent(NamedTuple):
     bytes_out: int = 0
     detail: str | None = None  # e.g. the IdP's error description — for operators, never shown to the client
     arguments: Any = None  # only with audit.record_arguments
+    agent_evidence: str | None = None  # how the agent was identified (`inbound.agents.Evidence`)

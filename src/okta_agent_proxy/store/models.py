@@ -158,6 +158,9 @@ class AuditEventRow(Model):
     bytes_out: Mapped[int] = mapped_column(BigInteger)
     detail: Mapped[str | None]
     arguments: Mapped[str | None]  # JSON text, only with audit.record_arguments
+    # how the agent was identified: token (an Okta token's client), client_metadata (a fetched metadata document:
+    # verified), client_name or default_agent (a front-door client's declared name, or none), header (X-Agent-ID)
+    agent_evidence: Mapped[str | None]
 
     __table_args__ = (
         Index(None, "time"),
