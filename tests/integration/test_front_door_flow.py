@@ -170,7 +170,22 @@ async def mcp_call(stack: FrontDoorStack, path: str, token: str) -> tuple[int, d
         return response.status, json.loads(text) if text.startswith("{") else {"text": text}
 
 
-async def test_refresh_then_cross_app_access_from_the_held_id_token(stack: FrontDoorStack) -> None:
+@pytest.fixture(params=["static", "dynamic"])
+async def xaa_stack(
+    request: pytest.FixtureRequest, sample_backends: SampleBackends, tmp_path: Path
+) -> AsyncIterator[FrontDoorStack]:
+    async with front_door_stack(
+        f"sqlite:///{tmp_path}/gateway.db",
+        sample_backends.employees.url("/mcp"),
+        sample_backends.partners.url("/mcp"),
+        settings={"DATA_DIR": str(tmp_path)},
+        xaa_mode=request.param,
+    ) as running:
+        yield running
+
+
+async def test_refresh_then_cross_app_access_from_the_held_id_token(xaa_stack: FrontDoorStack) -> None:
+    stack = xaa_stack
     async with browser() as person:
         client_id, tokens, _ = await sign_in(stack, person, "/xaa")
         form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}

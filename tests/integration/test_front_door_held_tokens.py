@@ -115,3 +115,24 @@ async def test_okta_down_with_an_expired_id_token_is_503_and_with_a_valid_one_is
     assert status == 503 and body["error"] == "idp_unavailable", body
     grant = await front_door_store(stack).get_grant(grant_id)
     assert grant is not None and grant.revoked_at is None  # an outage never ends a login
+
+
+async def test_a_login_without_an_okta_refresh_token_ends_when_its_id_token_does(stack: FrontDoorStack) -> None:
+    """An IdP that grants no `offline_access` (OIDC Core §11 without prompt=consent) gives no refresh token: once
+    the ID token expires the grant is revoked, so the client's own refresh fails too and it signs in again."""
+    async with browser() as person:
+        client_id, tokens, _ = await sign_in(stack, person, "/xaa")
+    grant_id = claims(tokens["access_token"])["grant"]
+    async with stack.gateway.store.engine.begin() as connection:
+        await connection.execute(
+            update(oauth_grants).where(oauth_grants.c.grant_id == grant_id).values(okta_refresh_token=None)
+        )
+    await expire_soon(stack, grant_id, 60)
+    assert (await mcp_call(stack, "/xaa", tokens["access_token"]))[0] == 200  # still valid: used as it is
+    stack.gateway.app[GATEWAY].current.pipeline.upstreams["xaa"].provider.forget_all()  # type: ignore[attr-defined]
+    await expire_soon(stack, grant_id, -10)
+    status, body = await mcp_call(stack, "/xaa", tokens["access_token"])
+    assert status == 401 and body["error"] == "invalid_token", body
+    form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
+    async with browser() as person, person.http.post(stack.url("/oauth/token"), data=form) as response:
+        assert response.status == 400 and (await response.json())["error"] == "invalid_grant"

@@ -90,7 +90,10 @@ async def front_door_stack(
     settings: Mapping[str, Any] | None = None,
     front_door: Mapping[str, Any] | None = None,
     app: Mapping[str, Any] | None = None,
+    xaa_mode: str = "static",
 ) -> AsyncIterator[FrontDoorStack]:
+    """`xaa_mode`: how /xaa finds its authorization server — from the config (static), or from the backend's RFC
+    9728 metadata (dynamic)."""
     sock = bound_socket()
     base = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
     gateway_app = App(
@@ -110,7 +113,10 @@ async def front_door_stack(
         )
         await stack.enter_async_context(idp)
         backend = await stack.enter_async_context(validating_backend(idp, BACKEND_AS))
-        xaa = xaa_backend(idp, backend.resource, "/xaa", auth_server=BACKEND_AS)
+        discovered = {"target_authorization_server": None, "target_token_endpoint": None}
+        backend.serve_prm = xaa_mode == "dynamic"
+        auth = {"id_jag_mode": "dynamic", **discovered} if xaa_mode == "dynamic" else {}
+        xaa = xaa_backend(idp, backend.resource, "/xaa", auth_server=BACKEND_AS, **auth)
         config = front_door_yaml(employees_url, partners_url, xaa, **(front_door or {}))
         values = {
             "FRONT_DOOR": "on",

@@ -20,6 +20,16 @@ private_key_jwt — and a second oidc-provider at `/oauth2/<target.id>` (`OidcPr
 authorization server, redeeming those ID-JAGs (RFC 7523) for JWT access tokens audience-restricted to the backend.
 `OidcProvider.log()` has one line per ID-JAG issued or redeemed and per refused token request (never a token).
 
+The OAuth front door (`front_door=FrontDoor(app, users)`, DESIGN.md §8): the server then plays an Okta org for the
+gateway's own OIDC web app — issuer the bare base URL, Okta's `/oauth2/v1/authorize`, `/token`, `/keys` — with a
+sign-in form (`username`, `password`, checked against `users`) and consent granted without asking, as for an org's
+first-party app; authorization_code with PKCE and refresh_token (rotated on every use) for the app, authenticated
+with client_secret_basic; ID tokens (RS256, `FrontDoor.id_token_ttl`) carrying `name`, `preferred_username`,
+`email` and, for the `groups` scope, `groups`. With `cross_app` too, the app exchanges its users' ID tokens for
+ID-JAGs naming it as `client_id` (`subject_token_type=…:id_token`) and redeems them at the target as itself; `agents`
+may then be empty, and `resources` and `clients` too. The log adds `sign-in sub=…`, `sign-in refused` and `token
+issued grant_type=… client_id=… sub=…` for the app.
+
 `client_credentials_token(base, client_id, secret, resource, scope)` gets a token from it (`TokenRequestError`
 carries the OAuth error when it refuses). A missing Node 22 or package skips the calling test, or fails it under
 `OAP_REQUIRE_SERVICES=1`.
@@ -31,7 +41,7 @@ import base64
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_plus
 
@@ -49,6 +59,9 @@ __all__ = [
     "CrossApp",
     "CrossAppAgent",
     "CrossAppTarget",
+    "FrontDoor",
+    "FrontDoorApp",
+    "IdpUser",
     "OidcClient",
     "OidcProvider",
     "TokenRequestError",
@@ -114,6 +127,45 @@ class CrossApp:
 
 
 @dataclass(frozen=True)
+class FrontDoorApp:
+    """The gateway's own OIDC web app at the org (`OKTA_CLIENT_ID`, `OKTA_CLIENT_SECRET`, its callback)."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    redirect_uri: str
+
+
+@dataclass(frozen=True)
+class IdpUser:
+    """A person who can sign in at the org: `sub` is the ID token's subject (an Okta `00u…` id)."""
+
+    login: str
+    sub: str
+    password: str = field(repr=False)
+    name: str = ""
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FrontDoor:
+    app: FrontDoorApp
+    users: tuple[IdpUser, ...]
+    id_token_ttl: int = 3600  # seconds; the gateway refreshes a held ID token within 300 s of its expiry
+
+    def environment(self) -> str:
+        app = {
+            "client_id": self.app.client_id,
+            "client_secret": self.app.client_secret,
+            "redirect_uri": self.app.redirect_uri,
+        }
+        users = [
+            {"login": u.login, "sub": u.sub, "password": u.password, "name": u.name, "groups": list(u.groups)}
+            for u in self.users
+        ]
+        return json.dumps({"app": app, "users": users, "id_token_ttl": self.id_token_ttl})
+
+
+@dataclass(frozen=True)
 class OidcProvider:
     """A running oidc-provider."""
 
@@ -122,6 +174,7 @@ class OidcProvider:
     clients: tuple[OidcClient, ...]
     token_path: str = "/token"
     cross_app: CrossApp | None = None
+    front_door: FrontDoor | None = None
 
     @property
     def issuer(self) -> str:
@@ -191,13 +244,15 @@ def running_oidc_provider(
     hide_rfc8414: bool = False,
     access_token_alg: str = "RS256",
     cross_app: CrossApp | None = None,
+    front_door: FrontDoor | None = None,
     timeout: float = 30.0,
 ) -> Iterator[OidcProvider]:
     """oidc-provider on 127.0.0.1:<free port>, ready once its OIDC discovery document answers 200. With
-    `cross_app`, its token endpoint is at Okta's `/oauth2/v1/token` and it does Cross App Access (module doc)."""
+    `cross_app` or `front_door`, its token endpoint is at Okta's `/oauth2/v1/token`; `cross_app`: it does Cross App
+    Access; `front_door`: it signs users in for the gateway's app (module doc)."""
     require_oidc_provider()
     node = require_node_tool("node")
-    token_path = ORG_TOKEN_PATH if cross_app is not None else "/token"
+    token_path = ORG_TOKEN_PATH if cross_app is not None or front_door is not None else "/token"
     client_specs = json.dumps(
         [{"client_id": c.client_id, "client_secret": c.client_secret, "okta_cid": c.okta_cid} for c in clients]
     )
@@ -212,6 +267,7 @@ def running_oidc_provider(
             "OIDC_ACCESS_TOKEN_ALG": access_token_alg,
             "OIDC_TOKEN_PATH": token_path,
             "OIDC_CROSS_APP": cross_app.environment() if cross_app is not None else "",
+            "OIDC_FRONT_DOOR": front_door.environment() if front_door is not None else "",
             "OAP_NPM_DIR": str(NPM_DIR),
         }
 
@@ -223,7 +279,7 @@ def running_oidc_provider(
         timeout=timeout,
         name="oidc-provider",
     ) as server:
-        yield OidcProvider(server, tuple(resources), tuple(clients), token_path, cross_app)
+        yield OidcProvider(server, tuple(resources), tuple(clients), token_path, cross_app, front_door)
 
 
 async def client_credentials_token(

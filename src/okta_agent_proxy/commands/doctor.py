@@ -2,12 +2,14 @@
 
 Each check prints one line, `✓ <check>: <what was seen>` or `✗ <check>: <what is wrong>` followed by `  fix: …`
 (`! config: …` for a configuration warning, `○ <check>: …` for what cannot be verified from here). The check names
-are stable: `config`, `issuer metadata`, `issuer jwks`, `backend NAME mcp`, `backend NAME authorization server`,
+are stable: `config`, `issuer metadata`, `issuer jwks`, `front door org metadata`, `front door client auth` and
+`front door redirect uri` (with `FRONT_DOOR=on`), `backend NAME mcp`, `backend NAME authorization server`,
 `agent NAME key`, `agent NAME key at okta`, `redis` (with `REDIS_URL`). Exit 0 when nothing failed, 1 when a check
 failed, 2 when the configuration does not load (as `check`).
 
 This module loads the configuration, runs the probes (`doctor_probes.py`) concurrently on one aiohttp session, each
-bounded by `--timeout`, and prints their results in a stable order: the issuer, then each backend, then each agent.
+bounded by `--timeout`, and prints their results in a stable order: the issuer, the front door's Okta app, then each
+backend, then each agent.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import click
 from okta_agent_proxy.commands.doctor_probes import (
     Result,
     check_agent_at_okta,
+    check_app_client,
+    check_app_redirect,
     check_backend_as,
     check_backend_mcp,
     check_issuer,
+    check_org_metadata,
     check_redis,
     fail,
     ok,
@@ -31,6 +36,11 @@ from okta_agent_proxy.commands.doctor_probes import (
 )
 from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.config.models import CrossAppBackend
+from okta_agent_proxy.config.settings import Settings
+from okta_agent_proxy.frontdoor.metadata import CALLBACK
+from okta_agent_proxy.frontdoor.okta_login import OktaApp
+from okta_agent_proxy.frontdoor.service import okta_app_auth
+from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.discovery import AuthorizationServerInfo
 from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
 
@@ -66,18 +76,44 @@ async def check_agents(
     return [r for first, e in entries for r in (first, e if isinstance(e, Result) else next(probed))]
 
 
+async def check_front_door(
+    session: aiohttp.ClientSession, client: TokenEndpointClient, settings: Settings, timeout: float
+) -> list[Result]:
+    """With FRONT_DOOR on, the gateway's own Okta app: the org's metadata first; the credentials and the redirect URI
+    only when the org answers as one (else they would fail for the same reason, twice)."""
+    if not settings.front_door:
+        return []
+    # `load` refuses FRONT_DOOR=on without these (Settings.front_door_refusals): doctor never gets here without them
+    assert settings.OKTA_DOMAIN is not None and settings.OKTA_CLIENT_ID is not None
+    app = OktaApp(
+        org=org_base_url(settings.OKTA_DOMAIN),
+        client_id=settings.OKTA_CLIENT_ID,
+        auth=okta_app_auth(settings),
+        redirect_uri=settings.base_url + CALLBACK,
+    )
+    metadata = await check_org_metadata(session, app, timeout)
+    if metadata.status == "fail":
+        why = "not checked: the org's metadata did not answer as an Okta org's"
+        return [metadata, skip("front door client auth", why), skip("front door redirect uri", why)]
+    return [metadata, *await asyncio.gather(check_app_client(client, app), check_app_redirect(session, app, timeout))]
+
+
 async def run_checks(loaded: LoadedConfig, timeout: float) -> list[Result]:
-    """Every network check, in the printed order: the issuer, each enabled backend, each agent."""
+    """Every network check, in the printed order: the issuer, the front door, each enabled backend, each agent."""
     settings = loaded.settings
     backends = {name: backend for name, backend in loaded.config.backends.items() if backend.enabled}
     cross_app = {name: b for name, b in backends.items() if isinstance(b, CrossAppBackend)}
     async with aiohttp.ClientSession() as session:
         client = TokenEndpointClient(session, timeout=timeout)
-        results, mcp_results, as_results = await asyncio.gather(
-            check_issuer(session, settings.OKTA_ISSUER, settings.OKTA_JWKS_URI, timeout),
+        issuer, front_door, mcp_results, as_results = await asyncio.gather(
+            check_issuer(
+                session, settings.OKTA_ISSUER, settings.OKTA_JWKS_URI, timeout, front_door=settings.front_door
+            ),
+            check_front_door(session, client, settings, timeout),
             asyncio.gather(*(check_backend_mcp(session, name, b, timeout) for name, b in backends.items())),
             asyncio.gather(*(check_backend_as(client, name, b) for name, b in cross_app.items())),
         )
+        results = issuer + front_door
         by_name = dict(zip(cross_app, as_results, strict=True))
         for name, mcp_result in zip(backends, mcp_results, strict=True):
             results += [mcp_result, by_name[name][0]] if name in by_name else [mcp_result]

@@ -149,9 +149,10 @@ class HeldIdTokens:
 
     async def _refreshed(self, grant: Grant, token: str, expires_at: float) -> str:
         valid = expires_at > self._clock()
-        if grant.okta_refresh_token is None:
+        if grant.okta_refresh_token is None:  # Okta gave none (offline_access not granted): the login ends with it
             if valid:
                 return token
+            await self._revoke(grant, RevokeReason.OKTA_EXPIRED)  # so the client's refresh fails too: a new login
             raise InvalidToken("this login has expired; sign in again")
         lease = await self._store.acquire_okta_refresh(grant.grant_id, ttl=LEASE, version=grant.version)
         if lease is None:
@@ -165,7 +166,7 @@ class HeldIdTokens:
         except OktaLoginError as exc:
             await self._store.release_okta_refresh(lease)
             if exc.error == "invalid_grant":
-                await self._revoke(grant)
+                await self._revoke(grant, RevokeReason.OKTA_REFUSED)
                 raise InvalidToken("Okta ended this login; sign in again") from None
             log.error("okta_refresh_refused", error=exc.error)
             raise CredentialUnavailable("Okta refused to refresh the gateway's login") from None
@@ -204,13 +205,13 @@ class HeldIdTokens:
             return token
         raise IdpUnavailable("Okta is slow to refresh this login")
 
-    async def _revoke(self, grant: Grant) -> None:
-        if await self._store.revoke_grant(grant.grant_id, RevokeReason.OKTA_REFUSED) is not None:
+    async def _revoke(self, grant: Grant, reason: RevokeReason) -> None:
+        if await self._store.revoke_grant(grant.grant_id, reason) is not None:
             await self._store.record_event(
                 EventKind.REVOCATION,
                 client_id=grant.client_id,
                 user_sub=grant.user_sub,
                 grant_id=grant.grant_id,
-                detail={"reason": str(RevokeReason.OKTA_REFUSED)},
+                detail={"reason": str(reason)},
             )
         await self._liveness.revoked(grant.grant_id)

@@ -88,6 +88,7 @@ class RevokeReason(StrEnum):
     CONSENT_DENIED = "consent_denied"
     CLIENT_REQUEST = "client_request"  # RFC 7009 revocation by the client
     OKTA_REFUSED = "okta_refused"  # Okta answered invalid_grant to a refresh: the user's Okta session is over
+    OKTA_EXPIRED = "okta_expired"  # the held ID token expired and Okta gave no refresh token to renew it
 
 
 class EventKind(StrEnum):
