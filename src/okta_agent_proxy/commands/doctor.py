@@ -7,9 +7,9 @@ are stable: `config`, `issuer metadata`, `issuer jwks`, `front door org metadata
 `agent NAME key`, `agent NAME key at okta`, `redis` (with `REDIS_URL`). Exit 0 when nothing failed, 1 when a check
 failed, 2 when the configuration does not load (as `check`).
 
-This module loads the configuration, runs the probes (`doctor_probes.py`) concurrently on one aiohttp session, each
-bounded by `--timeout`, and prints their results in a stable order: the issuer, the front door's Okta app, then each
-backend, then each agent.
+This module loads the configuration, runs the probes (`doctor_probes.py`, and `doctor_front_door.py` for the
+front door's Okta app) concurrently on one aiohttp session, each bounded by `--timeout`, and prints their results in
+a stable order: the issuer, the front door's Okta app, then each backend, then each agent.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections.abc import Awaitable, Mapping
 import aiohttp
 import click
 
+from okta_agent_proxy.commands.doctor_front_door import check_front_door
 from okta_agent_proxy.commands.doctor_probes import (
     Result,
     check_agent_at_okta,
-    check_app_client,
-    check_app_redirect,
     check_backend_as,
     check_backend_mcp,
     check_issuer,
-    check_org_metadata,
     check_redis,
     fail,
     ok,
@@ -36,11 +34,6 @@ from okta_agent_proxy.commands.doctor_probes import (
 )
 from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.config.models import CrossAppBackend
-from okta_agent_proxy.config.settings import Settings
-from okta_agent_proxy.frontdoor.metadata import CALLBACK
-from okta_agent_proxy.frontdoor.okta_login import OktaApp
-from okta_agent_proxy.frontdoor.service import okta_app_auth
-from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.discovery import AuthorizationServerInfo
 from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
 
@@ -74,28 +67,6 @@ async def check_agents(
         entries.append((ok(f"agent {name} key", f"{key.algorithm} key parses, kid {key.kid}"), at_okta))
     probed = iter(await asyncio.gather(*(e for _, e in entries if not isinstance(e, Result))))
     return [r for first, e in entries for r in (first, e if isinstance(e, Result) else next(probed))]
-
-
-async def check_front_door(
-    session: aiohttp.ClientSession, client: TokenEndpointClient, settings: Settings, timeout: float
-) -> list[Result]:
-    """With FRONT_DOOR on, the gateway's own Okta app: the org's metadata first; the credentials and the redirect URI
-    only when the org answers as one (else they would fail for the same reason, twice)."""
-    if not settings.front_door:
-        return []
-    # `load` refuses FRONT_DOOR=on without these (Settings.front_door_refusals): doctor never gets here without them
-    assert settings.OKTA_DOMAIN is not None and settings.OKTA_CLIENT_ID is not None
-    app = OktaApp(
-        org=org_base_url(settings.OKTA_DOMAIN),
-        client_id=settings.OKTA_CLIENT_ID,
-        auth=okta_app_auth(settings),
-        redirect_uri=settings.base_url + CALLBACK,
-    )
-    metadata = await check_org_metadata(session, app, timeout)
-    if metadata.status == "fail":
-        why = "not checked: the org's metadata did not answer as an Okta org's"
-        return [metadata, skip("front door client auth", why), skip("front door redirect uri", why)]
-    return [metadata, *await asyncio.gather(check_app_client(client, app), check_app_redirect(session, app, timeout))]
 
 
 async def run_checks(loaded: LoadedConfig, timeout: float) -> list[Result]:
