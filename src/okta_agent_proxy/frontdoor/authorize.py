@@ -16,6 +16,7 @@ stores the grant with the Okta tokens sealed, and goes on to consent (`consent.p
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +39,7 @@ from okta_agent_proxy.store.frontdoor import EventKind, Outcome
 
 log = structlog.get_logger(__name__)
 OKTA_STATE = "okta_state"
-_CHALLENGE_LENGTH = 43  # base64url of a SHA-256 (RFC 7636 §4.2)
+_S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}\Z")  # base64url of a SHA-256, unpadded (RFC 7636 §4.2)
 _USER_CLAIMS = ("sub", "name", "email", "preferred_username", "groups")
 
 
@@ -99,7 +100,7 @@ def _pending(context: FrontDoorContext, params: dict[str, str], client_id: str, 
     challenge = params.get("code_challenge")
     if challenge is None or params.get("code_challenge_method") != "S256":
         raise OAuthError("invalid_request", "PKCE is required: code_challenge with code_challenge_method=S256")
-    if len(challenge) != _CHALLENGE_LENGTH or unb64(challenge) is None:
+    if not _S256_CHALLENGE.match(challenge):
         raise OAuthError("invalid_request", "code_challenge is not an S256 challenge")
     if "request" in params or "request_uri" in params:
         raise OAuthError("request_not_supported", "request objects are not supported")
@@ -121,6 +122,7 @@ async def callback(context: FrontDoorContext, request: HttpRequest) -> Answer:
         params = parameters(request.query_string)
         okta_state = required(params, "state")
     except OAuthError as error:
+        await context.event(EventKind.REFUSAL, detail={"reason": "bad_state"})
         return html_error("Invalid request", error.description)
     name = context.cookie_name("authz", okta_state)
     clear = context.set_cookie(name, "", max_age=0)
