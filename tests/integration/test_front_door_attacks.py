@@ -34,6 +34,7 @@ from sqlalchemy import Table, func, select
 from okta_agent_proxy.devkit.okta_emulator import ORG, TokenRequest
 from okta_agent_proxy.frontdoor.redirects import DEFAULT_REDIRECT_GLOBS
 from okta_agent_proxy.frontdoor.registration import REGISTRATIONS_PER_MINUTE
+from okta_agent_proxy.frontdoor.service import AUTHORIZATIONS_PER_MINUTE
 from okta_agent_proxy.observability.logging import configure
 from okta_agent_proxy.store.frontdoor import EventKind, FrontDoorStore, SecurityEvent
 from okta_agent_proxy.store.models import (
@@ -1079,3 +1080,15 @@ async def test_hostile_token_requests(stack: FrontDoorStack) -> None:
         answer = await post(encoded.encode())
     assert answer.status == 200, answer.text
     assert (await kinds(stack)).count(EventKind.TOKEN_ISSUED) == 1
+
+
+async def test_authorizations_from_one_address_are_rate_limited(stack: FrontDoorStack) -> None:
+    """Each start of a flow may fetch a client metadata document and writes a security event: a loop of them from
+    one address is slowed down (a person signs in a few times a minute)."""
+    async with aiohttp.ClientSession() as http:
+        url = stack.url("/oauth/authorize?client_id=unknown&redirect_uri=http://127.0.0.1/cb")
+        statuses = [(await send(http, "GET", url)).status for _ in range(AUTHORIZATIONS_PER_MINUTE)]
+        assert set(statuses) == {400}  # an unknown client: the HTML page
+        limited = await send(http, "GET", url)
+    assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert "text/html" in limited.headers["Content-Type"]

@@ -26,7 +26,7 @@ from okta_agent_proxy.errors import GatewayError, InternalError, InvalidToken
 from okta_agent_proxy.frontdoor import authorize, consent, metadata, registration, token_endpoint
 from okta_agent_proxy.frontdoor.cimd import ClientMetadataFetcher
 from okta_agent_proxy.frontdoor.context import FrontDoorContext
-from okta_agent_proxy.frontdoor.forms import json_answer
+from okta_agent_proxy.frontdoor.forms import html_error, json_answer
 from okta_agent_proxy.frontdoor.grants import GrantLiveness, HeldIdTokens
 from okta_agent_proxy.frontdoor.keyring import sealers, signing_keys, state_secret
 from okta_agent_proxy.frontdoor.okta_login import OktaApp, OktaLogin
@@ -48,6 +48,7 @@ from okta_agent_proxy.store.redis import RedisLink
 log = structlog.get_logger(__name__)
 _MAX_VERIFIED = 10_000
 PRUNE_SECONDS = 3600.0
+AUTHORIZATIONS_PER_MINUTE = 30  # per client address
 _CORS = {"Access-Control-Allow-Origin": "*"}
 
 
@@ -110,6 +111,9 @@ class FrontDoor:
         self.held = HeldIdTokens(store, keys.okta_tokens, self.login, liveness)
         self.liveness = liveness
         self._limit = registration.RegistrationLimit()
+        # A person signs in a few times a minute at most; a script starting authorizations in a loop (each may make
+        # the gateway fetch a client metadata document and write a security event) is slowed down here.
+        self._authorize_limit = registration.RegistrationLimit(AUTHORIZATIONS_PER_MINUTE)
         self._verified: dict[str, FrontDoorClaims] = {}
 
     async def start(self) -> None:
@@ -211,10 +215,19 @@ class FrontDoor:
         async def jwks(context: FrontDoorContext, request: HttpRequest) -> Answer:
             return json_answer(context.signer.jwks(), headers={**_CORS, "Cache-Control": "max-age=300"})
 
+        def address_of(request: HttpRequest) -> str:
+            forwarded = request.headers.getall("X-Forwarded-For", ())
+            return registration.client_address(request.remote, forwarded, self.settings.trusted_proxies)
+
+        async def authorize_limited(context: FrontDoorContext, request: HttpRequest) -> Answer:
+            wait = self._authorize_limit.take(address_of(request))
+            if wait > 0:
+                page = html_error("Too many sign-ins", "Too many sign-ins from this address; try again later.", 429)
+                return Answer(page.status, page.body, {**page.headers, "Retry-After": str(int(wait) + 1)}, None)
+            return await authorize.authorize(context, request)
+
         async def register(context: FrontDoorContext, request: HttpRequest) -> Answer:
-            address = registration.client_address(
-                request.remote, request.headers.getall("X-Forwarded-For", ()), self.settings.trusted_proxies
-            )
+            address = address_of(request)
             answer = await registration.register(context, request, self._limit, address)
             return Answer(answer.status, answer.body, {**answer.headers, **_CORS}, answer.content_type)
 
@@ -244,7 +257,7 @@ class FrontDoor:
             Route("POST", metadata.REGISTER, bound(register, PUBLIC_METADATA)),
             Route("POST", metadata.TOKEN, bound(token, PUBLIC_METADATA)),
             Route("POST", metadata.REVOKE, bound(revoke, PUBLIC_METADATA)),
-            Route("GET", metadata.AUTHORIZE, bound(authorize.authorize, MCP_ROUTES)),
+            Route("GET", metadata.AUTHORIZE, bound(authorize_limited, MCP_ROUTES)),
             Route("GET", metadata.CALLBACK, bound(authorize.callback, MCP_ROUTES)),
             Route("POST", metadata.CONSENT, bound(consent.decide, MCP_ROUTES)),
         ]
