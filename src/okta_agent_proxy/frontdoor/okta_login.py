@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -49,16 +48,20 @@ import aiohttp
 import jwt
 
 from okta_agent_proxy.errors import IdpUnavailable
-from okta_agent_proxy.http.bodies import read_at_most
 from okta_agent_proxy.inbound.jwks import ALLOWED_ALGORITHMS, JwksCache, JwksFetchError
-from okta_agent_proxy.outbound.oauth_client import ClientAuth, TokenEndpointClient
+from okta_agent_proxy.outbound.oauth_client import (
+    ClientAuth,
+    TokenEndpointClient,
+    TokenEndpointError,
+    TokenEndpointUnavailable,
+    UnreadableTokenResponse,
+)
 
 __all__ = ["InvalidIdToken", "LoginStart", "OktaApp", "OktaLogin", "OktaLoginError", "OktaTokens", "OktaUnavailable"]
 
 DEFAULT_SCOPES = ("openid", "profile", "email", "offline_access", "groups")
 # Header types that mark a JWT as something other than an ID token (RFC 9068 §2.1; the ID-JAG draft §3).
 REFUSED_TYPES = frozenset({"oauth-id-jag+jwt", "at+jwt"})
-_MAX_RESPONSE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,8 @@ class OktaLogin:
         timeout: float = 10.0,
     ) -> None:
         self._app = app
-        self._session = session
         self._leeway = leeway
         self._clock = clock
-        self._timeout = timeout
         self._client = TokenEndpointClient(session, timeout=timeout, clock=clock)
         self._jwks = JwksCache(session, issuer=app.org, jwks_uri=app.jwks_uri, fetch_timeout=timeout)
 
@@ -199,33 +200,14 @@ class OktaLogin:
 
     async def _token_request(self, params: Mapping[str, str]) -> dict[str, Any]:
         """The 200 answer's JSON object; OktaLoginError for a refusal, OktaUnavailable for anything unreadable."""
-        endpoint = self._app.token_endpoint
-        fields, headers = self._client.authenticate(endpoint, self._app.auth)
         try:
-            async with self._session.post(
-                endpoint,
-                data={**params, **fields},
-                headers={"Accept": "application/json", **headers},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                body = await read_at_most(response.content, _MAX_RESPONSE_BYTES)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise OktaUnavailable(f"Okta's token endpoint cannot be reached: {type(exc).__name__}") from None
-        if status >= 500:
-            raise OktaUnavailable(f"Okta's token endpoint answered {status}")
-        document = _json_object(body)
-        if document is None:
-            raise OktaUnavailable(f"Okta's token endpoint answered {status} with an unreadable body")
-        if status != 200:
-            error, description = document.get("error"), document.get("error_description")
-            raise OktaLoginError(
-                error if isinstance(error, str) and error else "invalid_response",
-                description if isinstance(description, str) else None,
-                status=status,
-            )
-        return document
+            return await self._client.request_document(self._app.token_endpoint, params, self._app.auth)
+        except TokenEndpointUnavailable as exc:
+            raise OktaUnavailable(f"Okta's token endpoint cannot be reached: {exc}") from None
+        except UnreadableTokenResponse as exc:
+            raise OktaUnavailable(f"Okta's token endpoint answered {exc.status} with an unreadable body") from None
+        except TokenEndpointError as exc:
+            raise OktaLoginError(exc.error, exc.description, status=exc.status) from None
 
     # ---- the ID token (OIDC Core §3.1.3.7)
 
@@ -311,13 +293,3 @@ def _id_token_of(document: Mapping[str, Any]) -> str:
     if id_token is None:
         raise OktaLoginError("invalid_response", "the token response has no id_token", status=200)
     return id_token
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    if len(body) > _MAX_RESPONSE_BYTES:
-        return None
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None

@@ -72,6 +72,13 @@ class TokenEndpointError(Exception):
         self.description = description
 
 
+class UnreadableTokenResponse(TokenEndpointError):
+    """The answer was not a JSON object (an HTML page, an array, garbage), whatever its status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status, "invalid_response", f"the token endpoint answered {status} with no JSON object")
+
+
 class TokenEndpointUnavailable(Exception):
     """The token endpoint could not be reached, timed out, or failed on its side (5xx)."""
 
@@ -103,14 +110,23 @@ class TokenEndpointClient:
         return {"client_id": auth.client_id}, {}
 
     async def request_token(self, token_endpoint: str, params: Mapping[str, str], auth: ClientAuth) -> TokenResponse:
+        return _token_response(await self.request_document(token_endpoint, params, auth), self._clock())
+
+    async def request_document(
+        self, token_endpoint: str, params: Mapping[str, str], auth: ClientAuth
+    ) -> dict[str, Any]:
+        """The 200 answer's JSON object, whatever it holds (an OpenID Connect answer has an `id_token` and a
+        `refresh_token` that `TokenResponse` does not keep); TokenEndpointError for a refusal
+        (UnreadableTokenResponse when the answer is no JSON object), TokenEndpointUnavailable as `_exchange`."""
         fields, headers = self.authenticate(token_endpoint, auth)
         status, document = await self._exchange("POST", token_endpoint, headers, {**params, **fields})
+        if document is None:
+            raise UnreadableTokenResponse(status)
         if status != 200:
-            error = document.get("error") if document else None
-            description = document.get("error_description") if document else None
+            error, description = document.get("error"), document.get("error_description")
             return_error = error if isinstance(error, str) and error else "invalid_response"
             raise TokenEndpointError(status, return_error, description if isinstance(description, str) else None)
-        return _token_response(document, self._clock())
+        return document
 
     async def fetch_metadata(self, url: str) -> dict[str, Any]:
         status, document = await self._exchange("GET", url, {}, None)
@@ -150,8 +166,8 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _token_response(document: dict[str, Any] | None, now: float) -> TokenResponse:
-    if document is None or not isinstance(document.get("access_token"), str) or not document["access_token"]:
+def _token_response(document: dict[str, Any], now: float) -> TokenResponse:
+    if not isinstance(document.get("access_token"), str) or not document["access_token"]:
         raise TokenEndpointError(200, "invalid_response", "the token response has no access_token")
     expires_in = document.get("expires_in")
     if isinstance(expires_in, str) and expires_in.isdigit():
