@@ -28,13 +28,14 @@ from tests.support.front_door import (
     ADA,
     BOB,
     GATEWAY_APP,
+    LINKED_AGENT,
     Browser,
     FrontDoorStack,
     Pkce,
     browser,
     front_door_stack,
 )
-from tests.support.stacks import ACCEPT
+from tests.support.stacks import ACCEPT, ec_agent_key
 
 REDIRECT = "http://127.0.0.1:33418/callback"
 CLIENT_NAME = "MCP SDK test client"
@@ -232,3 +233,22 @@ async def test_two_refreshes_of_one_token_at_once_both_succeed_then_reuse_revoke
     assert first[0] == second[0] == 200, (first, second)
     assert first[1]["refresh_token"] == second[1]["refresh_token"]  # the same new pair, within the grace
     assert (await mcp_call(stack, "/employees", first[1]["access_token"]))[0] == 200
+
+
+async def test_cross_app_access_signed_by_the_linked_ai_agent(sample_backends: SampleBackends, tmp_path: Path) -> None:
+    """`FRONT_DOOR_AGENT_*`: an Okta AI agent linked to the gateway's app presents the app's ID token at step 1 and
+    authenticates step 2; Okta's policy here allows only the agent, so a call that works proves the agent signed."""
+    async with front_door_stack(
+        f"sqlite:///{tmp_path}/gateway.db",
+        sample_backends.employees.url("/mcp"),
+        sample_backends.partners.url("/mcp"),
+        settings={"DATA_DIR": str(tmp_path)},
+        linked_agent=ec_agent_key("linked-agent-1"),
+    ) as stack:
+        async with browser() as person:
+            _, tokens, _ = await sign_in(stack, person, "/xaa")
+        status, body = await mcp_call(stack, "/xaa", tokens["access_token"])
+    assert status == 200, body
+    accepted = stack.xaa.accepted[-1]
+    assert accepted["sub"] == ADA.login
+    assert LINKED_AGENT in (accepted.get("cid"), accepted.get("client_id"))

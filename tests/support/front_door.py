@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,9 +26,10 @@ from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, Okta
 
 from .gateway import bound_socket, psk_backend
 from .processes import LOOPBACK
-from .stacks import AuditedGateway, ValidatingBackend, audited_gateway, validating_backend, xaa_backend
+from .stacks import AgentKey, AuditedGateway, ValidatingBackend, audited_gateway, validating_backend, xaa_backend
 
 GATEWAY_APP = "0oafrontdoor00000001"
+LINKED_AGENT = "wlpfrontdooragent001"  # an Okta AI agent linked to the gateway's app
 APP_SECRET = "front-door-app-secret-0123456789"
 BACKEND_AS = "aus-backend"
 ADA = User(
@@ -91,9 +93,11 @@ async def front_door_stack(
     front_door: Mapping[str, Any] | None = None,
     app: Mapping[str, Any] | None = None,
     xaa_mode: str = "static",
+    linked_agent: AgentKey | None = None,
 ) -> AsyncIterator[FrontDoorStack]:
     """`xaa_mode`: how /xaa finds its authorization server — from the config (static), or from the backend's RFC
-    9728 metadata (dynamic)."""
+    9728 metadata (dynamic). `linked_agent`: an Okta AI agent (`LINKED_AGENT`) linked to the gateway's app, with
+    this key, signs Cross App Access instead of the app (`FRONT_DOOR_AGENT_*`)."""
     sock = bound_socket()
     base = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
     gateway_app = App(
@@ -104,11 +108,22 @@ async def front_door_stack(
         **(app or {}),
     )
     async with AsyncExitStack() as stack:
+        apps, policies = [gateway_app], [XaaPolicy(GATEWAY_APP, BACKEND_AS)]
+        agent_settings: dict[str, Any] = {}
+        if linked_agent is not None:
+            apps.append(
+                App(LINKED_AGENT, "Gateway agent", public_jwk=linked_agent.public_jwk, linked_client_id=GATEWAY_APP)
+            )
+            policies = [XaaPolicy(LINKED_AGENT, BACKEND_AS)]  # only the agent may get ID-JAGs: the app may not
+            agent_settings = {
+                "FRONT_DOOR_AGENT_CLIENT_ID": LINKED_AGENT,
+                "FRONT_DOOR_AGENT_PRIVATE_KEY": json.dumps(linked_agent.config_value),
+            }
         idp = OktaEmulator(
             auth_servers=[AuthorizationServer(BACKEND_AS, "api://backend", scopes=("backend:read",))],
             users=[ADA, BOB],
-            apps=[gateway_app],
-            xaa_policies=[XaaPolicy(GATEWAY_APP, BACKEND_AS)],
+            apps=apps,
+            xaa_policies=policies,
             sign_in_notice="Test user: ada@example.com / correct horse",
         )
         await stack.enter_async_context(idp)
@@ -124,6 +139,7 @@ async def front_door_stack(
             "OKTA_CLIENT_ID": GATEWAY_APP,
             "OKTA_CLIENT_SECRET": APP_SECRET,
             "STATE_ENCRYPTION_KEY": STATE_KEY,
+            **agent_settings,
             **(settings or {}),
         }
         gateway = await stack.enter_async_context(audited_gateway(config, database, settings=values, sock=sock))
