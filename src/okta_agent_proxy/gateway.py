@@ -307,6 +307,8 @@ class Gateway:
         generation = self._generation(loaded)
         await generation.pool.start()
         old, self.current = self.current, generation
+        if self.front_door is not None:
+            self.front_door.reloaded()
         if self.validator is not None:
             self.validator.set_audiences(accepted_audiences(loaded))
         if self._audit is not None:

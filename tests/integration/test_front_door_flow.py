@@ -34,7 +34,9 @@ from tests.support.front_door import (
     Pkce,
     browser,
     front_door_stack,
+    front_door_yaml,
 )
+from tests.support.gateway import psk_backend
 from tests.support.stacks import ACCEPT, ec_agent_key
 
 REDIRECT = "http://127.0.0.1:33418/callback"
@@ -252,3 +254,22 @@ async def test_cross_app_access_signed_by_the_linked_ai_agent(sample_backends: S
     accepted = stack.xaa.accepted[-1]
     assert accepted["sub"] == ADA.login
     assert LINKED_AGENT in (accepted.get("cid"), accepted.get("client_id"))
+
+
+async def test_a_reload_that_moves_a_backend_moves_its_tokens_audience_too(
+    stack: FrontDoorStack, sample_backends: SampleBackends
+) -> None:
+    """A token's `aud` is a URL: after a reload gives `employees` another path, a token for the old URL names no
+    backend (the audience's backend is remembered per config, not across reloads)."""
+    async with browser() as person:
+        _, tokens, _ = await sign_in(stack, person, "/employees")
+    assert (await mcp_call(stack, "/employees", tokens["access_token"]))[0] == 200
+    config = front_door_yaml(
+        sample_backends.employees.url("/mcp"),
+        sample_backends.partners.url("/mcp"),
+        psk_backend("http://127.0.0.1:9/mcp", "/xaa"),
+    )
+    config["backends"]["employees"]["paths"] = ["/staff"]
+    await stack.gateway.reload(config)
+    status, body = await mcp_call(stack, "/staff", tokens["access_token"])
+    assert status == 401 and body["error"] == "invalid_token", body

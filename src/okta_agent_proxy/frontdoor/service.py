@@ -115,6 +115,7 @@ class FrontDoor:
         # the gateway fetch a client metadata document and write a security event) is slowed down here.
         self._authorize_limit = registration.RegistrationLimit(AUTHORIZATIONS_PER_MINUTE)
         self._verified: dict[str, FrontDoorClaims] = {}
+        self._backends: dict[str, str | None] = {}  # a token's audience → the backend it names
 
     async def start(self) -> None:
         """Load (or make) the signing key; the endpoints and `verify` need it."""
@@ -179,10 +180,23 @@ class FrontDoor:
         )
 
     def _backend(self, resource: str) -> str | None:
+        """The backend a token's audience names, remembered until the next config reload (`reloaded`)."""
         try:
-            return self.context.resources.resolve(resource).backend
+            return self._backends[resource]
+        except KeyError:
+            pass
+        try:
+            backend: str | None = self.context.resources.resolve(resource).backend
         except InvalidTarget:
-            return None
+            backend = None
+        if len(self._backends) >= _MAX_VERIFIED:
+            self._backends.clear()
+        self._backends[resource] = backend
+        return backend
+
+    def reloaded(self) -> None:
+        """The routes may have changed: audiences name backends afresh."""
+        self._backends.clear()
 
     # ------------------------------------------------------------ endpoints
 

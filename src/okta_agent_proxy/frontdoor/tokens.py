@@ -72,6 +72,9 @@ class FrontDoorTokens:
         self.issuer = issuer
         self._keys = list(keys)
         self._public = {key.kid: key.private_key.public_key() for key in keys}
+        # The JOSE header segment each key's tokens start with, exactly as `mint` writes it: telling this gateway's
+        # tokens from Okta's is then a set lookup, not a decode of every caller's token (37-54 µs with PyJWT).
+        self._header_segments = frozenset(self._sign({}, key).partition(".")[0] for key in keys)
         self._ttl = ttl_seconds
         self._leeway = leeway
         self._clock = clock
@@ -104,7 +107,10 @@ class FrontDoorTokens:
         }
         if client_name is not None:
             claims["client_name"] = client_name
-        key = self._keys[0]
+        return self._sign(claims, self._keys[0])
+
+    @staticmethod
+    def _sign(claims: dict[str, Any], key: SigningKey) -> str:
         return jwt.encode(claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": TOKEN_TYPE})
 
     @property
@@ -112,13 +118,9 @@ class FrontDoorTokens:
         return self._ttl
 
     def issued(self, token: str) -> bool:
-        """Whether `token` names one of this gateway's keys (unverified: which verifier to use, not whether to
-        trust it)."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            return False
-        return header.get("typ") == TOKEN_TYPE and str(header.get("kid")) in self._public
+        """Whether `token` has the header this gateway's tokens have (unverified: which verifier to use, not
+        whether to trust it)."""
+        return token.partition(".")[0] in self._header_segments
 
     def verify(self, token: str, resource: str) -> FrontDoorClaims:
         """The claims of a token this gateway minted for `resource`; InvalidFrontDoorToken otherwise."""
