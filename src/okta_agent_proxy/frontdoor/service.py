@@ -33,7 +33,7 @@ from okta_agent_proxy.frontdoor.okta_login import OktaApp, OktaLogin
 from okta_agent_proxy.frontdoor.redirects import RedirectPolicy
 from okta_agent_proxy.frontdoor.resources import InvalidTarget, ResourceMap
 from okta_agent_proxy.frontdoor.scopes import supported_scopes
-from okta_agent_proxy.frontdoor.tokens import FrontDoorClaims, FrontDoorTokens, InvalidFrontDoorToken
+from okta_agent_proxy.frontdoor.tokens import FrontDoorTokens, InvalidFrontDoorToken
 from okta_agent_proxy.http.aiohttp_binding import Route
 from okta_agent_proxy.http.answers import error_answer
 from okta_agent_proxy.http.edge import MCP_ROUTES, PUBLIC_METADATA, Edge, EdgeRules, request_id
@@ -114,7 +114,7 @@ class FrontDoor:
         # A person signs in a few times a minute at most; a script starting authorizations in a loop (each may make
         # the gateway fetch a client metadata document and write a security event) is slowed down here.
         self._authorize_limit = registration.RegistrationLimit(AUTHORIZATIONS_PER_MINUTE)
-        self._verified: dict[str, FrontDoorClaims] = {}
+        self._verified: dict[str, tuple[Principal, str]] = {}  # token hash → its caller and audience
         self._backends: dict[str, str | None] = {}  # a token's audience → the backend it names
 
     async def start(self) -> None:
@@ -151,22 +151,26 @@ class FrontDoor:
 
     async def verify(self, token: str, backend: str) -> Principal:
         """The caller of a request routed to `backend` with a front-door token; InvalidToken if it is not good
-        there (another backend's, expired, forged) or its grant was revoked."""
+        there (another backend's, expired, forged) or its grant was revoked. A verified token's caller and audience
+        are remembered until it expires, as the Okta validator does: one signature check per token."""
         digest = hashlib.sha256(token.encode()).hexdigest()
-        claims = self._verified.get(digest)
-        if claims is None or claims.expires_at + self.settings.JWT_LEEWAY_SECONDS < time.time():
-            try:
-                claims = self.context.signer.verify_for(token, lambda audience: True)
-            except InvalidFrontDoorToken as refused:
-                raise InvalidToken(f"the access token is not valid: {refused}") from None
-            if len(self._verified) >= _MAX_VERIFIED:
-                self._verified.clear()
-            self._verified[digest] = claims
-        if self._backend(claims.resource) != backend:
+        verified = self._verified.get(digest)
+        if verified is None or verified[0].expires_at + self.settings.JWT_LEEWAY_SECONDS < time.time():
+            verified = self._verify(token, digest)
+        principal, audience = verified
+        if self._backend(audience) != backend:
             raise InvalidToken("the access token was issued for another server behind this gateway")
-        if not await self.liveness.is_live(claims.grant_id):
+        assert principal.grant_id is not None
+        if not await self.liveness.is_live(principal.grant_id):
             raise InvalidToken("this login was revoked; sign in again")
-        return Principal(
+        return principal
+
+    def _verify(self, token: str, digest: str) -> tuple[Principal, str]:
+        try:
+            claims = self.context.signer.verify_for(token, lambda audience: True)
+        except InvalidFrontDoorToken as refused:
+            raise InvalidToken(f"the access token is not valid: {refused}") from None
+        principal = Principal(
             issuer=self.settings.base_url,
             subject=claims.subject,
             uid=claims.subject,  # the Okta user id, as an Okta access token's `uid`: one user, whichever token
@@ -178,6 +182,10 @@ class FrontDoor:
             grant_id=claims.grant_id,
             client_name=claims.client_name,
         )
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[digest] = (principal, claims.resource)
+        return principal, claims.resource
 
     def _backend(self, resource: str) -> str | None:
         """The backend a token's audience names, remembered until the next config reload (`reloaded`)."""
