@@ -1,7 +1,7 @@
 """Instructions per request, counted by valgrind's callgrind: the one figure the machine's load cannot move.
 
-    .venv/bin/python bench/instructions.py [--baseline REV] [--parts plain,jwt,sessions,cross-app,cross-app-redis]
-                                           [--seconds 20] [--redis-url redis://127.0.0.1:6379/0]
+    .venv/bin/python bench/instructions.py [--baseline REV] [--seconds 20] [--redis-url redis://127.0.0.1:6379/0]
+        [--parts plain,jwt,sessions,cross-app,cross-app-redis,front-door,front-door-okta]
 
 Each gateway (this checkout's, and with `--baseline` that revision's, built as `proxy_overhead.py` builds it) runs
 under callgrind with counting off; after a warm-up, counting is switched on for one wrk run (8 connections) against
@@ -11,12 +11,18 @@ gateway ~50x slower, so the run serves a few hundred requests; the count per req
 `sessions` is jwt with every request continuing one MCP session, as the bench's `sessions` part (`session_load.py`):
 with `--baseline b6b678e`, sealed session ids against the in-process binding table. `cross-app` and
 `cross-app-redis` are the `redis` part's targets (an `okta-cross-app` backend, without and with `REDIS_URL`): after
-the probe's exchange every request is a credential cache hit.
+the probe's exchange every request is a credential cache hit. `front-door` is the jwt gateway with `FRONT_DOOR=on`
+(DESIGN.md §8) and every request carrying the gateway's own access token instead of Okta's: a login made by
+`front_door_setup.py` (a live grant in the gateway's store, the token minted with the key the gateway is given as
+`FRONT_DOOR_SIGNING_KEY`), the agent by `front_door.default_agent`. `front-door-okta` is the same gateway sent the
+jwt part's Okta token: what turning the front door on costs callers with Okta tokens. With `jwt` among the parts,
+each front-door part's count is also printed over jwt's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -26,16 +32,27 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from processes import BenchError, Service, ensure_tools, free_port, services, wait_ready
+from processes import HERE, BenchError, Service, ensure_tools, free_port, services, wait_ready
 from revisions import Revision, current_revision, prepare_baseline
 from session_load import open_session
 from targets import PSK_VALUE, SESSION_SECRET, Target, gateway_config, nginx_config, probe, start_idp
 from wrk_runner import REQUEST_HEADERS, Wrk, wrk_script
 
 VALGRIND_START_SECONDS = 180.0
-PARTS = ("plain", "jwt", "sessions", "cross-app", "cross-app-redis")
-IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis"}
+PARTS = ("plain", "jwt", "sessions", "cross-app", "cross-app-redis", "front-door", "front-door-okta")
+FRONT_DOOR_PARTS = {"front-door", "front-door-okta"}
+IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis", *FRONT_DOOR_PARTS}
 DEFAULT_REDIS_URL = os.environ.get("OAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The front door's settings. Its Okta app is never called on the measured path (no login, no Cross App Access), so
+# any client id and secret do; OKTA_DOMAIN is the IdP's org all the same.
+FRONT_DOOR_ENV = {
+    "FRONT_DOOR": "on",
+    "OKTA_CLIENT_ID": "0oabenchgateway00001",
+    "OKTA_CLIENT_SECRET": "bench-gateway-app-secret",
+    "STATE_ENCRYPTION_KEY": "oap-bench-state-encryption-key-0123456789",
+}
+FRONT_DOOR_YAML = "front_door:\n  default_agent: bench-agent\n"  # gateway_config's agent
+SETUP_SECONDS = 60.0
 
 
 def callgrind_total(out_files: Sequence[Path]) -> int:
@@ -46,6 +63,21 @@ def callgrind_total(out_files: Sequence[Path]) -> int:
             if line.startswith("totals:"):
                 total += int(line.split()[1])
     return total
+
+
+def front_door_login(revision: Revision, workdir: Path, database_url: str, base_url: str) -> dict[str, str]:
+    """`front_door_setup.py`, run by `revision`'s Python: the store migrated, a grant in it, and a token for the
+    bench backend's path (`/mcp`); also the signing key's PEM, shared by every front-door gateway of the run."""
+    key_file = workdir / "front-door-key.pem"
+    command = [str(revision.python), str(HERE / "front_door_setup.py"), "--database-url", database_url]
+    command += ["--base-url", base_url, "--resource-path", "/mcp", "--key-file", str(key_file)]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # a clean environment, like the gateway's
+    result = subprocess.run(command, capture_output=True, text=True, timeout=SETUP_SECONDS, env=env, check=False)
+    line = next((ln for ln in reversed(result.stdout.splitlines()) if ln.startswith("{")), None)
+    if result.returncode != 0 or line is None:
+        raise BenchError(f"front_door_setup.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    facts: dict[str, str] = json.loads(line)
+    return facts | {"signing_key": key_file.read_text()}
 
 
 def measure(
@@ -77,6 +109,14 @@ def measure(
         backend = {"sessions": "sessions", "cross-app": "cross-app", "cross-app-redis": "cross-app"}.get(part, "psk")
         config.write_text(gateway_config(backend_port, idp["client_id"], backend=backend, idp=idp))
         headers["Authorization"] = f"Bearer {idp['token']}"
+        if part in FRONT_DOOR_PARTS:  # the same gateway, the front door on; the grant made before it starts
+            base_url = f"http://127.0.0.1:{port}"
+            login = front_door_login(revision, workdir, env["DATABASE_URL"], base_url)
+            env |= FRONT_DOOR_ENV | {"OKTA_DOMAIN": idp["org"], "GATEWAY_BASE_URL": base_url}
+            env["FRONT_DOOR_SIGNING_KEY"] = login["signing_key"]
+            config.write_text(config.read_text() + FRONT_DOOR_YAML)
+            if part == "front-door":
+                headers["Authorization"] = f"Bearer {login['token']}"
         if backend == "cross-app":  # as the bench's GatewayLauncher sets them
             env |= {"OKTA_DOMAIN": idp["org"], "SESSION_SECRET": SESSION_SECRET}
         if part == "cross-app-redis":
@@ -127,8 +167,11 @@ def measure(
         subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)  # written when it returns
         dumps = sorted(out_dir.glob("callgrind.out.*"))
         service.stop()
-    if run.non_2xx or run.socket_errors:
+    errors = {kind: count for kind, count in run.socket_errors.items() if kind != "timeout"}
+    if run.non_2xx or errors:
         raise BenchError(f"{service.name}: {run.non_2xx} answers >= 400, socket errors {run.socket_errors}")
+    if run.socket_errors:  # wrk only counts a late answer (> 2 s) as a timeout; it still arrives and is counted
+        print(f"  ({service.name}: {run.socket_errors['timeout']} wrk timeouts: the machine is busy)", flush=True)
     return callgrind_total(dumps), run.requests
 
 
@@ -179,6 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\nratio current / baseline (instructions per request; < 1 is fewer):")
             for part in parts:
                 print(f"  {part:15} {counts[('current', part)] / counts[('baseline', part)]:.3f}")
+        front_door = [part for part in parts if part in FRONT_DOOR_PARTS]
+        if front_door and "jwt" in parts:
+            print("\nratio to jwt (instructions per request; the front door's target: <= ~1.03, i.e. >= 0.97x req/s):")
+            for part in front_door:
+                for revision in revisions:
+                    ratio = counts[(revision.label, part)] / counts[(revision.label, "jwt")]
+                    print(f"  {part:15} {revision.label:9} {ratio:.3f}")
     return 0
 
 
