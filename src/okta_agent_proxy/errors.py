@@ -30,6 +30,10 @@ class GatewayError(Exception):
     def body_bytes(self) -> bytes:
         return json.dumps(self.body(), separators=(",", ":")).encode()
 
+    @property
+    def content_type(self) -> str:
+        return "application/json"
+
 
 class InternalError(GatewayError):
     status = 500
@@ -185,3 +189,44 @@ class CredentialUnavailable(GatewayError):
 
     status = 502
     code = "token_exchange_failed"
+
+
+class JsonRpcRefusal(GatewayError):
+    """Answered as a JSON-RPC error — the MCP specification's shape, which the client's SDK understands — rather than
+    the gateway's error body; as an SSE event when the backend answers with streams (`sse`)."""
+
+    rpc_code: ClassVar[int] = -32600
+
+    def __init__(
+        self, message: str, *, request_id: str | int | None, status: int, sse: bool = False, agent_id: str | None = None
+    ) -> None:
+        super().__init__(message, agent_id=agent_id)
+        self.request_id = request_id
+        self.status = status  # type: ignore[misc]  # per instance: the era decides it
+        self.sse = sse
+
+    def body(self) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": self.request_id, "error": {"code": self.rpc_code, "message": self.message}}
+
+    def body_bytes(self) -> bytes:
+        text = json.dumps(self.body(), ensure_ascii=False, separators=(",", ":")).encode()
+        return b"event: message\ndata: " + text + b"\n\n" if self.sse else text
+
+    @property
+    def content_type(self) -> str:
+        return "text/event-stream" if self.sse else "application/json"
+
+
+class HiddenTarget(JsonRpcRefusal):
+    """A tool, resource or prompt the agent may not see was called: the answer for one that does not exist
+    (DESIGN.md §7) — 200 in the 2025 eras, 400 in 2026-07-28, as the SDK servers answer — audited `tool_denied`."""
+
+    code = "tool_denied"
+    rpc_code = -32602
+
+
+class HeaderMismatch(JsonRpcRefusal):
+    """2026-07-28: `Mcp-Method` or `Mcp-Name` disagrees with the body (PROTOCOL §4: 400 with -32020)."""
+
+    code = "bad_request"
+    rpc_code = -32020

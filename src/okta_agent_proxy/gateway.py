@@ -140,12 +140,14 @@ def accepted_audiences(loaded: LoadedConfig) -> tuple[str, ...]:
 
 
 def scopes_by_backend(config: GatewayConfig) -> dict[str, frozenset[str]]:
-    """The scopes a caller may need for each backend: its agents' scopes, its own and its methods'."""
+    """The scopes a caller may need for each backend: its agents' scopes, its own, its methods' and its tools'."""
     result = {}
     for name, backend in config.backends.items():
         scopes = set(backend.required_scopes)
         for method_scopes in backend.method_scopes.values():
             scopes.update(method_scopes)
+        for tool_scopes in backend.tool_scopes.values():  # step-up scopes (DESIGN.md §7): a client may ask for them
+            scopes.update(tool_scopes)
         for agent in config.agents.values():
             if name in agent.backend_access:
                 scopes.update(agent.scopes)

@@ -1,7 +1,8 @@
 """The request pipeline, in order, in one place (DESIGN.md §2). `Pipeline.handle` reads top to bottom:
 
-    route → edge → method → authenticate and identify the agent → inspect → authorize → open the session
-          → stream cap → credential and upstream call (its auth flow) → seal the session id → relay
+    route → edge → method → authenticate and identify the agent → inspect → authorize → what it may see (tools,
+          resources, prompts) → open the session → stream cap → credential and upstream call (its auth flow)
+          → seal the session id → relay (list answers filtered when the agent has rules on the backend)
 
 Each step is a plain function or method in the folder of its layer; `handle` passes what one returns to the next.
 The `RequestRecord` is for observers (audit, metrics, the request line): `handle` writes it and no step reads it.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import aiohttp
@@ -28,6 +29,8 @@ from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
     GatewayError,
+    HeaderMismatch,
+    HiddenTarget,
     InsufficientScope,
     InternalError,
     MethodNotAllowed,
@@ -41,11 +44,13 @@ from okta_agent_proxy.inbound.caller import Caller, Identity
 from okta_agent_proxy.inbound.metadata import bearer_challenge, metadata_url
 from okta_agent_proxy.mcp.forward import Forwarder, RelayStats, ResponseTransformer
 from okta_agent_proxy.mcp.headers import SSE, upstream_headers
-from okta_agent_proxy.mcp.messages import McpMessage, is_stateless, parse_message
+from okta_agent_proxy.mcp.list_filter import MAX_LIST_BYTES, SseListFilter, filtered_json
+from okta_agent_proxy.mcp.messages import McpMessage, is_stateless, parse_message, routing_header_mismatch
 from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, SessionSeal
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
+from okta_agent_proxy.policy.tools import CALLS, Policies, Visibility, unknown_message
 from okta_agent_proxy.record import CLIENT_CLOSED, Observers, Outcome, RequestRecord, upstream_outcome
 from okta_agent_proxy.routing import Route, RouteTable
 
@@ -83,7 +88,9 @@ class Pipeline:
     stream_slots: StreamSlots  # the process's, shared by every generation
     stream_limits: StreamLimits
     observers: Observers
-    transformers: Transformers = no_transform  # the response seam (the tool policy plugs in here)
+    transformers: Transformers = no_transform  # the response seam, for answers the tool policy leaves alone
+    policies: Policies = field(default_factory=Policies)  # the tool, resource and prompt rules (DESIGN.md §7)
+    framing: dict[str, bool] = field(default_factory=dict)  # backend → whether it answered its last request as SSE
 
     async def handle(self, request: HttpRequest) -> Answer | None:
         """The request's answer (None: streamed through the request)."""
@@ -99,12 +106,12 @@ class Pipeline:
             caller = await self.identify(request, record, route)
             body, message = await self.inspect(request, record)
             self.authorize(caller, route, message)
+            rules = self.visible(request, route, caller, message)
             session = self.open_session(request, route, caller, message)
             slot = self.admit_stream(request, route, caller)
             response = await self.send(request, route, url, caller, body, session, record)
             session_id = self.client_session_id(response, route, session)
-            await self.relay(request, response, route, caller, message, session_id, record)
-            return None
+            return await self.relay(request, response, route, caller, message, session_id, record, rules)
         except GatewayError as error:
             return self.refuse(request, record, error)
         except Exception as exc:
@@ -141,12 +148,41 @@ class Pipeline:
         body = await request.read_body(self.settings.MAX_BODY_BYTES, self.settings.HEADER_READ_TIMEOUT_SECONDS)
         record.bytes_in = len(body)  # recorded even when it turns out not to be JSON
         message = record.message = parse_message(body)
+        headers = request.headers
+        if message.kind == "request" and is_stateless(headers.get("MCP-Protocol-Version"), message):
+            mismatch = routing_header_mismatch(headers.get("Mcp-Method"), headers.get("Mcp-Name"), message)
+            if mismatch is not None:
+                raise HeaderMismatch(mismatch, request_id=message.id, status=400)
         return body, message
 
     def authorize(self, caller: Caller | None, route: Route, message: McpMessage | None) -> None:
         if caller is not None:
-            agent, method = caller.agent, message.method if message is not None else None
-            self.decisions.check(agent.name, agent.agent, route.name, route.backend, caller.principal.scopes, method)
+            agent = caller.agent
+            method, name = (message.method, message.name) if message is not None else (None, None)
+            scopes = caller.principal.scopes
+            self.decisions.check(agent.name, agent.agent, route.name, route.backend, scopes, method, name)
+
+    def visible(
+        self, request: HttpRequest, route: Route, caller: Caller | None, message: McpMessage | None
+    ) -> Visibility | None:
+        """The agent's tool, resource and prompt rules on this backend (None: none, its answers pass untouched); a
+        call of a hidden one gets the answer for one that does not exist, and never reaches the backend."""
+        if caller is None:
+            return None
+        rules = self.policies.of(caller.agent_name, caller.agent.agent, route.name)
+        if rules is None or message is None or message.name is None:
+            return rules
+        kind = CALLS.get(message.method or "")
+        if kind is not None and not rules.permits(kind, message.name):
+            stateless = is_stateless(request.headers.get("MCP-Protocol-Version"), message)
+            raise HiddenTarget(
+                unknown_message(kind, message.name),
+                request_id=message.id,
+                status=400 if stateless else 200,  # as the SDK servers answer a name they do not have
+                sse=self.framing.get(route.name, False),
+                agent_id=caller.agent_name,
+            )
+        return rules
 
     def open_session(
         self, request: HttpRequest, route: Route, caller: Caller | None, message: McpMessage | None
@@ -227,10 +263,17 @@ class Pipeline:
         message: McpMessage | None,
         session_id: str | None,
         record: RequestRecord,
-    ) -> None:
+        rules: Visibility | None = None,
+    ) -> Answer | None:
         """Stream the answer to the client (`session_id` in place of the backend's session id). A POST answered as
-        a stream is counted under the stream caps while it lasts, never cut (the backend is already working on it)."""
+        a stream is counted under the stream caps while it lasts, never cut (the backend is already working on it).
+        With `rules`, list answers are filtered: a JSON answer read whole first (the Answer returned), a stream event
+        by event."""
         is_sse = record.is_stream = response.headers.get("Content-Type", "").startswith(SSE)
+        if request.method == "POST" and message is not None and message.kind == "request" and response.status < 300:
+            self.framing[route.name] = is_sse  # how this backend answers: a refused call is framed alike
+        if rules is not None and not is_sse and request.method == "POST":
+            return await self.whole(response, route, rules, session_id, record)
         counted = None
         if is_sse and request.method != "GET":
             counted = self.stream_slots.count(route.name, caller.key if caller else None)
@@ -249,12 +292,37 @@ class Pipeline:
                 answer_id,
                 session_id,
                 record.response_started,
-                self.transformers(route, caller),
+                SseListFilter(rules) if rules is not None and is_sse else self.transformers(route, caller),
             )
         finally:
             if counted is not None:
                 counted.release()
         record.outcome = Outcome(status, stats.failure) if stats.failure else upstream_outcome(status)
+        return None
+
+    async def whole(
+        self,
+        response: aiohttp.ClientResponse,
+        route: Route,
+        rules: Visibility,
+        session_id: str | None,
+        record: RequestRecord,
+    ) -> Answer:
+        """A JSON answer for an agent with rules: read whole and filtered before anything is sent."""
+        stats = record.relay = RelayStats()
+        status, headers, body = await self.forwarder.whole(
+            response,
+            route.backend,
+            self.settings.base_url + route.prefix,
+            record.request_id,
+            session_id,
+            MAX_LIST_BYTES,
+            lambda answer: filtered_json(answer, rules),
+            stats,
+        )
+        record.response_started()
+        record.outcome = upstream_outcome(status)
+        return Answer(status, body, headers, content_type=None)
 
     def refuse(self, request: HttpRequest, record: RequestRecord, error: GatewayError) -> Answer:
         record.error = error

@@ -26,7 +26,7 @@ import yaml
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from okta_agent_proxy.config.models import AUTH_METHODS, CrossAppBackend, GatewayConfig
+from okta_agent_proxy.config.models import AUTH_METHODS, Agent, CrossAppBackend, GatewayConfig
 from okta_agent_proxy.config.settings import Settings, is_loopback_host
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -82,15 +82,20 @@ _VALIDATOR_TAG = re.compile(r"^function-(after|before|wrap|plain)\[")
 
 
 def format_loc(loc: tuple[int | str, ...]) -> str:
-    """('backends', 'employees', 'pre-shared-key', 'paths', 0) → 'backends.employees.paths[0]'."""
+    """('backends', 'employees', 'pre-shared-key', 'paths', 0) → 'backends.employees.paths[0]'. A bad mapping key
+    is named by its own path (pydantic appends '[key]'); an empty key shows as "", one with control characters
+    escaped, so a path never writes a raw control character to a terminal."""
     out = ""
     for index, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
         elif (index == 2 and loc[0] == "backends" and part in AUTH_METHODS) or _VALIDATOR_TAG.match(part):
             continue  # the backend union's tag, or a validator's name: not YAML keys
+        elif part == "[key]" and index == len(loc) - 1:
+            continue  # the error is in the key just before
         else:
-            out += f".{part}" if out else str(part)
+            shown = '""' if part == "" else part if part.isprintable() else part.encode("unicode_escape").decode()
+            out += f".{shown}" if out else shown
     return out
 
 
@@ -265,9 +270,38 @@ def cross_check(config: GatewayConfig, *, front_door: bool = False) -> list[Prob
                             f"required: the agent may reach okta-cross-app backend {backend_name}",
                         )
                     )
+        problems += _access_rule_problems(config, name, agent)
     default_agent = config.front_door.default_agent
     if default_agent is not None and default_agent not in config.agents:
         problems.append(Problem("front_door.default_agent", f"agent {default_agent} is not defined"))
+    return problems
+
+
+def _access_rule_problems(config: GatewayConfig, name: str, agent: Agent) -> list[Problem]:
+    """Warnings for DESIGN.md §7 rules that cannot do what they seem to: a rule for a backend that is not defined or
+    that the agent cannot reach (it never applies), an empty `allow` (it hides everything), and an `allow` glob that
+    is also in `deny` verbatim (deny wins: it matches nothing)."""
+    problems: list[Problem] = []
+    sections = (
+        ("tool_access", "tool", agent.tool_access),
+        ("resource_access", "resource", agent.resource_access),
+        ("prompt_access", "prompt", agent.prompt_access),
+    )
+    for section, noun, rules in sections:
+        for backend_name, rule in rules.items():
+            where = f"agents.{name}.{section}.{backend_name}"
+            if backend_name not in config.backends:
+                problems.append(Problem(where, f"backend {backend_name} is not defined", "warning"))
+            elif backend_name not in agent.backend_access:
+                why = f"{backend_name} is not in this agent's backend_access: the rule can never apply"
+                problems.append(Problem(where, why, "warning"))
+            if rule.allow == ():
+                why = f"hides every {noun} of {backend_name} from agent {name}; use deny: ['*'] to say so"
+                problems.append(Problem(f"{where}.allow", why, "warning"))
+            for index, glob in enumerate(rule.allow or ()):
+                if glob in rule.deny:
+                    why = f"{glob} is also in deny, which wins: this entry matches nothing"
+                    problems.append(Problem(f"{where}.allow[{index}]", why, "warning"))
     return problems
 
 

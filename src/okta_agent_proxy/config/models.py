@@ -4,6 +4,9 @@ Every model is frozen and rejects unknown keys, so a typo is an error that names
 silently ignored setting. A backend is a one-of keyed by `auth_method` (the agentgateway habit), so each method's
 `auth_config` is checked against exactly its own keys. Cross-references (which agent may reach which backend,
 duplicate paths) are checked in `config_loader`, which also resolves `${ENV}` and `{file: …}` secrets.
+
+The per-tool policy's settings (DESIGN.md §7: an agent's `tool_access`, `resource_access` and `prompt_access`, a
+backend's `tool_scopes`) are only data here; `policy/` decides with them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from okta_agent_proxy.keys import InvalidKeyError, SigningKey, load_signing_key
 
 AUTH_METHODS = ("okta-cross-app", "pre-shared-key", "service-account")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 # Headers a backend must never receive from the caller, whatever `forward_headers` says (DESIGN.md §2).
 NEVER_FORWARDED = frozenset(
     {
@@ -69,6 +73,14 @@ def _forwardable_header(value: str) -> str:
     return value
 
 
+def _glob(value: str) -> str:
+    # A control character cannot be typed into a tool name on purpose; in a glob it is a paste accident that would
+    # silently match nothing (or only a hostile name).
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 def http_url(value: str, *, require_https: bool) -> str:
     """An absolute URL without query or fragment; https unless on loopback when `require_https`."""
     parts = urlsplit(value)
@@ -95,6 +107,8 @@ ForwardableHeader = Annotated[str, AfterValidator(_forwardable_header)]
 Scope = Annotated[str, Field(min_length=1, pattern=r"^[\x21\x23-\x5b\x5d-\x7e]+$")]
 ClientNameGlob = Annotated[str, Field(min_length=1)]
 GroupName = Annotated[str, Field(min_length=1)]
+# A name glob of DESIGN.md §7: fnmatch (`*`, `?`, `[…]`), matched case-sensitively (fnmatchcase).
+NameGlob = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_glob)]
 
 
 class PreSharedKeyAuth(Strict):
@@ -195,6 +209,14 @@ class BackendCommon(Strict):
     forward_headers: tuple[ForwardableHeader, ...] = Field(
         (), description="Extra request headers passed on to the backend."
     )
+    tool_scopes: dict[NameGlob, tuple[Scope, ...]] = Field(
+        default_factory=dict,
+        description=(
+            'Tool-name glob → scopes a caller\'s token must also carry to call a matching tool, e.g. {"update_*": '
+            "[employees:write]}; every matching glob's scopes are needed. Without them: 403 insufficient_scope "
+            "naming them (step-up); the tool is still listed."
+        ),
+    )
 
 
 class CrossAppBackend(BackendCommon):
@@ -228,6 +250,20 @@ def _signing_key(value: Any, info: ValidationInfo) -> SigningKey | None:
         raise ValueError(str(exc)) from None
 
 
+class AccessRule(Strict):
+    """Which names of one backend an agent sees and may use (DESIGN.md §7): a name passes when `allow` is absent or
+    one of its globs matches, and no `deny` glob matches. One rule serves the list and the call, so a hidden name
+    can never be called and a callable one is never hidden."""
+
+    allow: tuple[NameGlob, ...] | None = Field(
+        None,
+        description=(
+            "fnmatch globs (`*`, `?`, `[…]`), case-sensitive; only matching names pass. Absent: every name; `[]`: none."
+        ),
+    )
+    deny: tuple[NameGlob, ...] = Field((), description="fnmatch globs, case-sensitive; a match is hidden (deny wins).")
+
+
 class Agent(Strict):
     client_id: str = Field(min_length=1, description="The agent's Okta client id; signs token exchanges.")
     inbound_client_ids: tuple[str, ...] | None = Field(
@@ -248,6 +284,24 @@ class Agent(Strict):
     )
     scopes: tuple[Scope, ...] = Field(("mcp:read",), description="Scopes every caller token must carry.")
     backend_access: tuple[str, ...] = Field((), description="Backends this agent may reach (deny by default).")
+    tool_access: dict[str, AccessRule] = Field(
+        default_factory=dict,
+        description=(
+            "Backend name → which of its tools this agent sees in tools/list and may call (globs over tool "
+            "names). A backend not listed: every tool (backend_access still applies)."
+        ),
+    )
+    resource_access: dict[str, AccessRule] = Field(
+        default_factory=dict,
+        description=(
+            "Backend name → which of its resources this agent sees and may read (globs over a resource's uri, a "
+            "template's uriTemplate, and the URI of resources/read)."
+        ),
+    )
+    prompt_access: dict[str, AccessRule] = Field(
+        default_factory=dict,
+        description="Backend name → which of its prompts this agent sees and may get (globs over prompt names).",
+    )
     enabled: bool = Field(True, description="A disabled agent is denied everything (403).")
 
     _parse_key = field_validator("private_key", mode="before")(_signing_key)
@@ -255,6 +309,10 @@ class Agent(Strict):
     @property
     def caller_client_ids(self) -> tuple[str, ...]:
         return self.inbound_client_ids or (self.client_id,)
+
+    def has_access_rules(self, backend: str) -> bool:
+        """Whether this agent's answers from `backend` need filtering; without rules they stream untouched."""
+        return backend in self.tool_access or backend in self.resource_access or backend in self.prompt_access
 
 
 class AuditConfig(Strict):

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from okta_agent_proxy.config.models import (
+    AccessRule,
     Agent,
     AuditConfig,
     BackendCommon,
@@ -29,6 +30,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("backends.<name>.auth_config (auth_method: service-account)", ServiceAccountAuth),
     ("backends.<name>.auth_config (auth_method: okta-cross-app)", CrossAppAuth),
     ("agents.<name>", Agent),
+    ("agents.<name>.<tool|resource|prompt>_access.<backend> (AccessRule)", AccessRule),
     ("audit", AuditConfig),
     ("rate_limits.streams", StreamLimits),
     ("front_door", FrontDoorConfig),
@@ -36,6 +38,8 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
 
 
 def _type(prop: dict[str, Any]) -> str:
+    if "$ref" in prop:  # a nested model: its own section, titled with its name
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
     if "enum" in prop:
         return " \\| ".join(f"`{value}`" for value in prop["enum"])
     if "const" in prop:

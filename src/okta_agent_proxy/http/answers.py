@@ -7,4 +7,4 @@ from okta_agent_proxy.http.interface import Answer
 
 
 def error_answer(error: GatewayError, request_id: str) -> Answer:
-    return Answer(error.status, error.body_bytes(), {**error.headers, "X-Request-ID": request_id})
+    return Answer(error.status, error.body_bytes(), {**error.headers, "X-Request-ID": request_id}, error.content_type)

@@ -32,7 +32,8 @@ import yarl
 from multidict import CIMultiDict
 
 from okta_agent_proxy.config.models import Backend
-from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable
+from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable, BadBackendResponse
+from okta_agent_proxy.http.bodies import read_at_most
 from okta_agent_proxy.http.interface import HttpRequest, ResponseStream
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
@@ -193,18 +194,7 @@ class Forwarder:
         an SSE stream; `answer_id` the JSON-RPC id of the POSTed request, whose response ends what the client is
         waiting for; `session_id` the client's for the backend's session id; `on_start` is called once the headers
         are out; `transform`, if any, rewrites the body."""
-        headers = CIMultiDict(relayed_response_headers(response.headers))
-        location = response.headers.get("Location")
-        if location is not None:
-            try:
-                headers["Location"] = public_location(location, response.url, backend.url, public_prefix)
-            except BaseException:
-                response.close()
-                raise
-        headers["X-Request-ID"] = request_id
-        headers.popall("Mcp-Session-Id", None)  # the backend's own id never reaches the client
-        if session_id is not None:
-            headers["Mcp-Session-Id"] = session_id
+        headers = _client_headers(response, backend, public_prefix, request_id, session_id)
         if is_sse:
             headers["X-Accel-Buffering"] = "no"
         if transform is not None:
@@ -244,6 +234,57 @@ class Forwarder:
         await out.end(tail)
         stats.delivered = True
         return response.status
+
+    async def whole(
+        self,
+        response: aiohttp.ClientResponse,
+        backend: Backend,
+        public_prefix: str,
+        request_id: str,
+        session_id: str | None,
+        limit: int,
+        rewrite: Callable[[bytes], bytes],
+        stats: RelayStats,
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        """Read a JSON answer whole (at most `limit` bytes, within the backend's timeout, else 502 / 504) and
+        `rewrite` it, before anything is sent: (status, headers, body) for the client."""
+        try:
+            headers = _client_headers(response, backend, public_prefix, request_id, session_id)
+            async with asyncio.timeout(backend.timeout_seconds):
+                body = await read_at_most(response.content, limit + 1)
+            if len(body) > limit:
+                raise BadBackendResponse(f"the backend's answer is larger than {limit} bytes")
+            body = rewrite(body)
+        except TimeoutError:
+            raise BackendTimeout("the backend did not finish its answer in time") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            raise BackendUnavailable("the backend's answer ended abnormally") from None
+        finally:
+            response.close()
+        headers.popall("Content-Length", None)  # the body's length changes with it
+        stats.bytes_out = len(body)
+        stats.delivered = True
+        return response.status, headers, body
+
+
+def _client_headers(
+    response: aiohttp.ClientResponse, backend: Backend, public_prefix: str, request_id: str, session_id: str | None
+) -> CIMultiDict[str]:
+    """The backend's response headers as the client gets them: hop-by-hop and its own session id dropped, a
+    `Location` made public, the request id and the client's session id added."""
+    headers = CIMultiDict(relayed_response_headers(response.headers))
+    location = response.headers.get("Location")
+    if location is not None:
+        try:
+            headers["Location"] = public_location(location, response.url, backend.url, public_prefix)
+        except BaseException:
+            response.close()
+            raise
+    headers["X-Request-ID"] = request_id
+    headers.popall("Mcp-Session-Id", None)  # the backend's own id never reaches the client
+    if session_id is not None:
+        headers["Mcp-Session-Id"] = session_id
+    return headers
 
 
 async def _copy(

@@ -11,6 +11,7 @@ which parsers read differently.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,3 +91,24 @@ def is_stateless(version_header: str | None, message: McpMessage | None) -> bool
     if message is not None and message.protocol_version is not None:
         return message.protocol_version >= STATELESS_VERSION
     return version_header is not None and version_header >= STATELESS_VERSION
+
+
+def header_value(value: str) -> str:
+    """An `Mcp-*` header's value: non-ASCII values travel as `=?base64?…?=` (PROTOCOL §4)."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return value
+    return value
+
+
+def routing_header_mismatch(method: str | None, name: str | None, message: McpMessage) -> str | None:
+    """2026-07-28: why `Mcp-Method` / `Mcp-Name` (the headers' values, None if not sent) disagree with the body, or
+    None. Intermediaries route and authorise on these headers, so one that says another thing than the body is
+    refused (PROTOCOL §4: 400, -32020) rather than passed to a backend that might act on either."""
+    if method is not None and header_value(method) != message.method:
+        return "the Mcp-Method header does not match the method in the body"
+    if name is not None and message.method in _NAMED_METHODS and header_value(name) != message.name:
+        return "the Mcp-Name header does not match the name in the body"
+    return None

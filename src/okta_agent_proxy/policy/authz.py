@@ -12,25 +12,35 @@ from collections.abc import Iterable
 
 from okta_agent_proxy.config.models import Agent, Backend
 from okta_agent_proxy.errors import AuthorizationDenied, InsufficientScope
+from okta_agent_proxy.policy.tools import step_up_scopes
 
 
-def required_scopes(agent: Agent, backend: Backend, method: str | None) -> tuple[str, ...]:
-    """Every scope the operation needs, in a stable order without repeats."""
+def required_scopes(agent: Agent, backend: Backend, method: str | None, tool: str | None = None) -> tuple[str, ...]:
+    """Every scope the operation needs, in a stable order without repeats: the agent's, the backend's, the method's
+    and, for a `tools/call`, the step-up scopes of the tool (`tool_scopes`, DESIGN.md §7)."""
     needed: dict[str, None] = {}
     for scope in (*agent.scopes, *backend.required_scopes, *backend.method_scopes.get(method or "", ())):
         needed[scope] = None
+    if tool is not None and method == "tools/call" and backend.tool_scopes:
+        needed.update(dict.fromkeys(step_up_scopes(backend.tool_scopes, tool)))
     return tuple(needed)
 
 
 def authorize(
-    agent_name: str, agent: Agent, backend_name: str, backend: Backend, granted: Iterable[str], method: str | None
+    agent_name: str,
+    agent: Agent,
+    backend_name: str,
+    backend: Backend,
+    granted: Iterable[str],
+    method: str | None,
+    tool: str | None = None,
 ) -> None:
     """Return if allowed; raise AuthorizationDenied or InsufficientScope otherwise."""
     if not agent.enabled:
         raise AuthorizationDenied(f"agent {agent_name} is disabled", agent_id=agent_name)
     if backend_name not in agent.backend_access:
         raise AuthorizationDenied(f"Not authorized to access backend '{backend_name}'", agent_id=agent_name)
-    needed = required_scopes(agent, backend, method)
+    needed = required_scopes(agent, backend, method, tool)
     granted_set = frozenset(granted)
     if any(scope not in granted_set for scope in needed):
         raise InsufficientScope("the access token lacks a required scope", scopes=needed, agent_id=agent_name)
@@ -43,7 +53,7 @@ class Decisions:
     MAX = 1024
 
     def __init__(self) -> None:
-        self._allowed: set[tuple[str, str, frozenset[str], str | None]] = set()
+        self._allowed: set[tuple[str, str, frozenset[str], str | None, str | None]] = set()
 
     def check(
         self,
@@ -53,9 +63,11 @@ class Decisions:
         backend: Backend,
         granted: frozenset[str],
         method: str | None,
+        tool: str | None = None,
     ) -> None:
-        key = (agent_name, backend_name, granted, method)
+        tool = tool if backend.tool_scopes and method == "tools/call" else None  # only then does the tool matter
+        key = (agent_name, backend_name, granted, method, tool)
         if key not in self._allowed:
-            authorize(agent_name, agent, backend_name, backend, granted, method)
+            authorize(agent_name, agent, backend_name, backend, granted, method, tool)
             if len(self._allowed) < self.MAX:
                 self._allowed.add(key)

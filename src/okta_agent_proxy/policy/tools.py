@@ -1,0 +1,150 @@
+"""What an agent may see and call on a backend: tools, resources, prompts (DESIGN.md §7) — one pure decision.
+
+`Visibility.permits(kind, name)` is the only rule: list answers are filtered with it and calls are refused with
+it, so a tool hidden from `tools/list` can never be called and a callable tool is never hidden. A name is permitted
+when no `deny` glob matches it and `allow` is absent or one of its globs matches (deny wins). Globs are fnmatch's,
+case-sensitive (`fnmatchcase`: `*`, `?`, `[…]`), over the whole name — a tool's `name`, a prompt's `name`, a
+resource's `uri`, a resource template's `uriTemplate` string in lists and the concrete URI on `resources/read`.
+
+A backend without rules for the agent has no `Visibility` (`visibility` returns None): nothing of its answers is
+parsed, and it streams at today's speed. Decisions are remembered per name (bounded), since the same few names come
+back on every list and call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from typing import Any
+
+from okta_agent_proxy.config.models import AccessRule, Agent
+
+_MEMO_MAX = 4096
+
+
+class Kind(StrEnum):
+    TOOL = "tool"
+    RESOURCE = "resource"
+    PROMPT = "prompt"
+
+
+# The method that calls one named thing, and what it names.
+CALLS: Mapping[str, Kind] = {"tools/call": Kind.TOOL, "resources/read": Kind.RESOURCE, "prompts/get": Kind.PROMPT}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`allow` None: everything not denied."""
+
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] = ()
+
+    def permits(self, name: str) -> bool:
+        if any(fnmatchcase(name, glob) for glob in self.deny):
+            return False
+        return self.allow is None or any(fnmatchcase(name, glob) for glob in self.allow)
+
+
+@dataclass
+class Visibility:
+    """One agent's rules on one backend (None for a kind without rules: all of it visible)."""
+
+    tools: Rule | None = None
+    resources: Rule | None = None
+    prompts: Rule | None = None
+    _memo: dict[tuple[Kind, str], bool] = field(default_factory=dict, repr=False, compare=False)
+
+    def rule(self, kind: Kind) -> Rule | None:
+        return self.tools if kind is Kind.TOOL else self.resources if kind is Kind.RESOURCE else self.prompts
+
+    def permits(self, kind: Kind, name: str) -> bool:
+        key = (kind, name)
+        known = self._memo.get(key)
+        if known is not None:
+            return known
+        rule = self.rule(kind)
+        allowed = rule is None or rule.permits(name)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = allowed
+        return allowed
+
+
+def _rule(access: Mapping[str, AccessRule], backend: str) -> Rule | None:
+    entry = access.get(backend)
+    return Rule(entry.allow, entry.deny) if entry is not None else None
+
+
+def visibility(agent: Agent, backend: str) -> Visibility | None:
+    """The agent's rules on `backend`, or None when it has none (then nothing is filtered or refused)."""
+    if not agent.has_access_rules(backend):
+        return None
+    return Visibility(
+        _rule(agent.tool_access, backend), _rule(agent.resource_access, backend), _rule(agent.prompt_access, backend)
+    )
+
+
+class Policies:
+    """`visibility` per (agent, backend), made once per config generation (its agents do not change within one)."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, str], Visibility | None] = {}
+
+    def of(self, agent_name: str, agent: Agent, backend: str) -> Visibility | None:
+        key = (agent_name, backend)
+        try:
+            return self._made[key]
+        except KeyError:
+            made = self._made[key] = visibility(agent, backend)
+            return made
+
+
+def unknown_message(kind: Kind, name: str) -> str:
+    """The MCP specification's message for a name the server does not have: what a hidden one gets too."""
+    return f"Unknown {kind}: {name}"
+
+
+def step_up_scopes(tool_scopes: Mapping[str, tuple[str, ...]], tool: str) -> tuple[str, ...]:
+    """The scopes a call of `tool` needs beyond the method's (`backends.<name>.tool_scopes`, every matching glob)."""
+    needed: dict[str, None] = {}
+    for glob, scopes in tool_scopes.items():
+        if fnmatchcase(tool, glob):
+            needed.update(dict.fromkeys(scopes))
+    return tuple(needed)
+
+
+# The list answers a visibility filters: result key → (kind, the key of each entry's name).
+LISTS: Mapping[str, tuple[Kind, str]] = {
+    "tools": (Kind.TOOL, "name"),
+    "resources": (Kind.RESOURCE, "uri"),
+    "resourceTemplates": (Kind.RESOURCE, "uriTemplate"),
+    "prompts": (Kind.PROMPT, "name"),
+}
+
+
+class MalformedList(ValueError):
+    """A list answer whose entries are not objects with a string name: the backend's fault (502)."""
+
+
+def filter_result(result: dict[str, Any], rules: Visibility) -> bool:
+    """Drop the entries `rules` hide from a JSON-RPC result of list shape, in place; whether anything was a list
+    (other keys — `nextCursor`, `_meta` — are left as they are: pagination passes through)."""
+    found = False
+    for key, (kind, name_key) in LISTS.items():
+        entries = result.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise MalformedList(f"result.{key} is not a list")
+        kept = []
+        for entry in entries:
+            name = entry.get(name_key) if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise MalformedList(f"an entry of result.{key} has no string {name_key}")
+            if rules.permits(kind, name):
+                kept.append(entry)
+        result[key] = kept
+        found = True
+    return found
