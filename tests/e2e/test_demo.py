@@ -84,12 +84,20 @@ def demo() -> Iterator[Demo]:
 
 def test_printed_curl_commands_work(demo: Demo) -> None:
     outputs = [demo.run(command) for command in demo.commands]
-    assert len(outputs) == 6
-    partners, employee, slow, denied, challenge, metadata = outputs
+    assert len(outputs) == 7
+    partners, employee, slow, claude_tools, denied, challenge, metadata = outputs
     assert "list_partners" in partners
     assert "Grace Hopper" in employee
     assert slow.count("notifications/progress") == 5 and "report ready" in slow
     assert '"error":"authorization_denied"' in denied and '"agent_id":"intern-bot"' in denied
+    # the demo's tool policy: claude-code's list lacks get_salary, which cursor's has
+    assert '"get_employee"' in claude_tools and '"get_salary"' not in claude_tools
+    cursor_tools = demo.run(demo.commands[0].replace("/partners ", "/employees ", 1))
+    assert '"get_salary"' in cursor_tools
+    salary_call = demo.commands[1].replace("get_employee", "get_salary")
+    assert '"salary"' in demo.run(salary_call)  # cursor may call it
+    hidden = demo.run(salary_call.replace("$CURSOR_TOKEN", "$CLAUDE_TOKEN"))
+    assert '"code":-32602' in hidden and "Unknown tool: get_salary" in hidden, hidden  # claude-code may not
     assert challenge.startswith("HTTP/1.1 401") and 'resource_metadata="' in challenge
     assert '"authorization_servers"' in metadata
     # employees is reached through Cross App Access: the exchange shows in the demo's log, once (then cached).

@@ -46,6 +46,8 @@ agents:
     client_names: ["Claude Code*"]
     scopes: [mcp:read]
     backend_access: [employees, partners]
+    tool_access:
+      employees: {{deny: ["*_salary"]}}   # claude-code does not see (nor may call) get_salary
   vscode:
     client_id: {vscode_id}
     inbound_client_ids: ["https://vscode.dev/oauth/client-metadata.json"]
@@ -131,6 +133,7 @@ def cli_command() -> str:
 def instructions(gateway: str, idp: OktaEmulator, tokens: dict[str, str], workdir: Path) -> str:
     accept = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
     cursor = '-H "Authorization: Bearer $CURSOR_TOKEN"'
+    claude = '-H "Authorization: Bearer $CLAUDE_TOKEN"'
     intern = '-H "Authorization: Bearer $INTERN_TOKEN"'
     list_tools = shlex.quote('{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}')
     call = shlex.quote(
@@ -147,9 +150,10 @@ Okta Agent Proxy demo: the gateway is at {gateway}
   employees (Cross App Access) {gateway}/employees   (also {gateway}/hr)
   partners  (pre-shared key)   {gateway}/partners
   Okta emulator                {idp.base_url}  (OKTA_DOMAIN; callers' tokens from {idp.issuer(AUTH_SERVER)})
-Agents: cursor, claude-code and vscode may reach employees and partners; intern-bot only partners. Your token never
-reaches a backend: for employees the gateway trades it at the emulated Okta for an ID-JAG, then for a token of
-employees' own authorization server (watch for token_exchange_completed in this log); partners gets its key.
+Agents: cursor, claude-code and vscode may reach employees and partners (claude-code without get_salary);
+intern-bot only partners. Your token never reaches a backend: for employees the gateway trades it at the emulated
+Okta for an ID-JAG, then for a token of employees' own authorization server (watch for token_exchange_completed in
+this log); partners gets its key.
 
 Log in from an MCP client (the OAuth front door: a browser opens the emulated Okta sign-in, then a consent page):
   claude mcp add --transport http employees {gateway}/employees
@@ -158,12 +162,14 @@ Log in from an MCP client (the OAuth front door: a browser opens the emulated Ok
 
 Or paste user {USER.login}'s access tokens (valid {TOKEN_LIFETIME // 3600} h), one per agent app, into a terminal:
   export CURSOR_TOKEN={tokens["cursor"]}
+  export CLAUDE_TOKEN={tokens["claude-code"]}
   export INTERN_TOKEN={tokens["intern-bot"]}
 
 Then try:
   curl -sN {gateway}/partners {accept} {cursor} -d {list_tools}
   curl -sN {gateway}/employees {accept} {cursor} -d {call}
   curl -sN {gateway}/hr {accept} {cursor} -d {slow}      # progress events arrive one by one
+  curl -s  {gateway}/employees {accept} {claude} -d {list_tools}   # claude-code's list: no get_salary
   curl -s  {gateway}/employees {accept} {intern} -d {list_tools}   # 403: intern-bot may not reach employees
   curl -si {gateway}/employees {accept} -d {list_tools}   # 401 with the discovery challenge
   curl -s  {gateway}/.well-known/oauth-protected-resource/employees
@@ -229,7 +235,7 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
             name: idp.mint_access_token(
                 AUTH_SERVER, user=USER, client_id=app.client_id, scopes=["mcp:read"], lifetime=TOKEN_LIFETIME
             )
-            for name, app in (("cursor", cursor), ("intern-bot", INTERN))
+            for name, app in (("cursor", cursor), ("claude-code", claude), ("intern-bot", INTERN))
         }
         processes = [
             await start_backend(

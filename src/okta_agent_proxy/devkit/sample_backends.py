@@ -1,6 +1,7 @@
 """Sample MCP backends for the demo and the tests, built with the official `mcp` SDK (the `demo` extra).
 
-`employees` and `partners` are small directories with tools, a resource and a prompt; both have a `slow_report`
+`employees` and `partners` are small directories with tools (employees also has `get_salary`, which the demo's tool
+policy hides from one agent), a resource and a prompt; both have a `slow_report`
 tool that streams progress for about two seconds, to show that the gateway streams. Each backend checks the
 credential the gateway must send (an API key header or HTTP Basic, given by environment variables so it never
 shows in a process list) and answers 401 without it — so a working demo proves the gateway injected it. With
@@ -26,6 +27,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
+SALARIES = {"E001": 212_000, "E002": 245_000, "E003": 158_000}  # what the demo's tool policy hides from claude-code
 EMPLOYEES = {
     "E001": {"name": "Ada Lovelace", "title": "Principal Engineer", "department": "Engineering"},
     "E002": {"name": "Grace Hopper", "title": "Director of Platforms", "department": "Engineering"},
@@ -66,6 +68,13 @@ def employees_server() -> MCPServer:
         if employee_id not in EMPLOYEES:
             raise ValueError(f"unknown employee {employee_id}")
         return {"id": employee_id, **EMPLOYEES[employee_id]}
+
+    @server.tool()
+    def get_salary(employee_id: str) -> dict[str, int | str]:
+        """Get one employee's salary (a tool the demo hides from some agents)."""
+        if employee_id not in SALARIES:
+            raise ValueError(f"unknown employee {employee_id}")
+        return {"id": employee_id, "salary": SALARIES[employee_id]}
 
     @server.resource("employees://directory")
     def directory() -> str:
