@@ -50,7 +50,7 @@ from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, Session
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
-from okta_agent_proxy.policy.tools import CALLS, Policies, Visibility, unknown_message
+from okta_agent_proxy.policy.tools import CALLS, LIST_METHODS, Policies, Visibility, unknown_message
 from okta_agent_proxy.record import CLIENT_CLOSED, Observers, Outcome, RequestRecord, upstream_outcome
 from okta_agent_proxy.routing import Route, RouteTable
 
@@ -267,11 +267,14 @@ class Pipeline:
     ) -> Answer | None:
         """Stream the answer to the client (`session_id` in place of the backend's session id). A POST answered as
         a stream is counted under the stream caps while it lasts, never cut (the backend is already working on it).
-        With `rules`, list answers are filtered: a JSON answer read whole first (the Answer returned), a stream event
-        by event."""
+        With `rules`, list answers are filtered: the answer to a list request — read whole first when it is JSON (the
+        Answer returned), event by event when it is a stream — and every event of a GET stream (a resumed stream
+        may carry a list answer)."""
         is_sse = record.is_stream = response.headers.get("Content-Type", "").startswith(SSE)
         if request.method == "POST" and message is not None and message.kind == "request" and response.status < 300:
             self.framing[route.name] = is_sse  # how this backend answers: a refused call is framed alike
+        if rules is not None and request.method == "POST" and (message is None or message.method not in LIST_METHODS):
+            rules = None  # only a list request's answer holds a list: any other streams untouched, however large
         if rules is not None and not is_sse and request.method == "POST":
             return await self.whole(response, route, rules, session_id, record)
         counted = None

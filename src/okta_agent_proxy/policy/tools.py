@@ -115,6 +115,9 @@ def step_up_scopes(tool_scopes: Mapping[str, tuple[str, ...]], tool: str) -> tup
     return tuple(needed)
 
 
+# The requests whose answers are lists (a POST of any other method has no list in its answer to filter).
+LIST_METHODS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
+
 # The list answers a visibility filters: result key → (kind, the key of each entry's name).
 LISTS: Mapping[str, tuple[Kind, str]] = {
     "tools": (Kind.TOOL, "name"),
