@@ -276,7 +276,7 @@ class Pipeline:
         if rules is not None and request.method == "POST" and (message is None or message.method not in LIST_METHODS):
             rules = None  # only a list request's answer holds a list: any other streams untouched, however large
         if rules is not None and not is_sse and request.method == "POST":
-            return await self.whole(response, route, rules, session_id, record)
+            return await self.whole(response, route, rules, message, session_id, record)
         counted = None
         if is_sse and request.method != "GET":
             counted = self.stream_slots.count(route.name, caller.key if caller else None)
@@ -295,7 +295,7 @@ class Pipeline:
                 answer_id,
                 session_id,
                 record.response_started,
-                SseListFilter(rules) if rules is not None and is_sse else self.transformers(route, caller),
+                SseListFilter(rules, answer_id) if rules is not None and is_sse else self.transformers(route, caller),
             )
         finally:
             if counted is not None:
@@ -308,6 +308,7 @@ class Pipeline:
         response: aiohttp.ClientResponse,
         route: Route,
         rules: Visibility,
+        message: McpMessage | None,
         session_id: str | None,
         record: RequestRecord,
     ) -> Answer:
@@ -320,7 +321,7 @@ class Pipeline:
             record.request_id,
             session_id,
             MAX_LIST_BYTES,
-            lambda answer: filtered_json(answer, rules),
+            lambda answer: filtered_json(answer, rules, message.id if message is not None else None),
             stats,
         )
         record.response_started()

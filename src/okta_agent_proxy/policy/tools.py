@@ -55,6 +55,8 @@ class Visibility:
     resources: Rule | None = None
     prompts: Rule | None = None
     _memo: dict[tuple[Kind, str], bool] = field(default_factory=dict, repr=False, compare=False)
+    # For the stream side (`mcp/list_filter.py`): a backend's list result, as sent → as filtered for these rules.
+    answers: dict[bytes, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def rule(self, kind: Kind) -> Rule | None:
         return self.tools if kind is Kind.TOOL else self.resources if kind is Kind.RESOURCE else self.prompts
