@@ -198,15 +198,32 @@ class JsonRpcRefusal(GatewayError):
     rpc_code: ClassVar[int] = -32600
 
     def __init__(
-        self, message: str, *, request_id: str | int | None, status: int, sse: bool = False, agent_id: str | None = None
+        self,
+        message: str,
+        *,
+        request_id: str | int | None,
+        status: int,
+        sse: bool = False,
+        data: Any = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
     ) -> None:
         super().__init__(message, agent_id=agent_id)
         self.request_id = request_id
         self.status = status  # type: ignore[misc]  # per instance: the era decides it
         self.sse = sse
+        self.data = data
+        if session_id is not None:  # the client's session goes on, as with any answer of the backend's
+            self.headers["Mcp-Session-Id"] = session_id
+        if sse:  # as a relayed stream's
+            self.headers["Cache-Control"] = "no-cache"
+            self.headers["X-Accel-Buffering"] = "no"
 
     def body(self) -> dict[str, Any]:
-        return {"jsonrpc": "2.0", "id": self.request_id, "error": {"code": self.rpc_code, "message": self.message}}
+        error: dict[str, Any] = {"code": self.rpc_code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return {"jsonrpc": "2.0", "id": self.request_id, "error": error}
 
     def body_bytes(self) -> bytes:
         text = json.dumps(self.body(), ensure_ascii=False, separators=(",", ":")).encode()

@@ -50,7 +50,7 @@ from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, Session
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
-from okta_agent_proxy.policy.tools import CALLS, LIST_METHODS, Policies, Visibility, unknown_message
+from okta_agent_proxy.policy.tools import CALLS, LIST_METHODS, Kind, Policies, Visibility, unknown_message
 from okta_agent_proxy.record import CLIENT_CLOSED, Observers, Outcome, RequestRecord, upstream_outcome
 from okta_agent_proxy.routing import Route, RouteTable
 
@@ -106,8 +106,9 @@ class Pipeline:
             caller = await self.identify(request, record, route)
             body, message = await self.inspect(request, record)
             self.authorize(caller, route, message)
-            rules = self.visible(request, route, caller, message)
             session = self.open_session(request, route, caller, message)
+            rules = self.visible(request, route, caller, message, session)
+            self.authorize_tool(caller, route, message)
             slot = self.admit_stream(request, route, caller)
             response = await self.send(request, route, url, caller, body, session, record)
             session_id = self.client_session_id(response, route, session)
@@ -157,13 +158,19 @@ class Pipeline:
 
     def authorize(self, caller: Caller | None, route: Route, message: McpMessage | None) -> None:
         if caller is not None:
-            agent = caller.agent
-            method, name = (message.method, message.name) if message is not None else (None, None)
-            scopes = caller.principal.scopes
-            self.decisions.check(agent.name, agent.agent, route.name, route.backend, scopes, method, name)
+            agent, method = caller.agent, message.method if message is not None else None
+            self.decisions.check(agent.name, agent.agent, route.name, route.backend, caller.principal.scopes, method)
+
+    def authorize_tool(self, caller: Caller | None, route: Route, message: McpMessage | None) -> None:
+        """A visible tool's step-up scopes (`tool_scopes`), once the call is known not to be hidden: a hidden tool
+        is unknown, whatever scopes it would need."""
+        if caller is None or message is None or message.method != "tools/call" or not route.backend.tool_scopes:
+            return
+        agent, scopes, backend = caller.agent, caller.principal.scopes, route.backend
+        self.decisions.check(agent.name, agent.agent, route.name, backend, scopes, message.method, message.name)
 
     def visible(
-        self, request: HttpRequest, route: Route, caller: Caller | None, message: McpMessage | None
+        self, request: HttpRequest, route: Route, caller: Caller | None, message: McpMessage | None, session: Session
     ) -> Visibility | None:
         """The agent's tool, resource and prompt rules on this backend (None: none, its answers pass untouched); a
         call of a hidden one gets the answer for one that does not exist, and never reaches the backend."""
@@ -179,7 +186,9 @@ class Pipeline:
                 unknown_message(kind, message.name),
                 request_id=message.id,
                 status=400 if stateless else 200,  # as the SDK servers answer a name they do not have
-                sse=self.framing.get(route.name, False),
+                sse=not stateless and self.framing.get(route.name, False),  # a 2026-07-28 error is always JSON
+                data={"uri": message.name} if kind is Kind.RESOURCE else None,
+                session_id=session.presented,
                 agent_id=caller.agent_name,
             )
         return rules

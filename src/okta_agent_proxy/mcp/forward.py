@@ -96,7 +96,8 @@ class RelayStats:
 
 class ResponseTransformer(Protocol):
     """The one seam where an answer can be rewritten on its way to the client (the tool policy filters list answers
-    here). Made per response, so it may keep state across chunks; a response without one is streamed untouched."""
+    here). Made per response, so it may keep state across chunks; a response without one is streamed untouched. One
+    that sets a `failure` attribute (an outcome code) ends the answer there: nothing more is relayed."""
 
     def feed(self, chunk: bytes) -> bytes:
         """The backend's next bytes in; what to send to the client now (b"" to hold them back)."""
@@ -119,6 +120,14 @@ def _drop_tracebacks(error: BaseException) -> None:
         seen.add(id(current))
         current.__traceback__ = None
         pending += (current.__cause__, current.__context__)
+
+
+class _Refused(Exception):
+    """The transformer ended the answer (it sent why, as an SSE error event): the rest is not relayed."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__(failure)
+        self.failure = failure
 
 
 class _Stalled(Exception):
@@ -210,6 +219,7 @@ class Forwarder:
                 tail = content.read_nowait()
                 if transform is not None:
                     tail = transform.feed(tail) + transform.end()
+                    stats.failure = getattr(transform, "failure", None)
                 stats.bytes_out += len(tail)
             else:
                 if is_sse:
@@ -222,6 +232,11 @@ class Forwarder:
                 if transform is not None:
                     tail = transform.end()
                     stats.bytes_out += len(tail)
+        except _Refused as refused:
+            response.close()
+            stats.failure = refused.failure
+            await out.end()
+            return response.status
         except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)
             response.close()
@@ -311,6 +326,9 @@ async def _copy(
                 if chunk:
                     await out.write(chunk)
                 on_client = False
+                refused = getattr(transform, "failure", None)  # a transformer may end the answer (SseListFilter)
+                if refused is not None:
+                    raise _Refused(refused)
                 deadline.reschedule(loop.time() + gap)
                 if watch is not None and answer_id is not None and not stats.delivered:
                     stats.delivered = any(is_response_to(data, answer_id) for data in watch.feed(chunk))

@@ -30,6 +30,7 @@ MAX_LIST_BYTES = 8 * 1024 * 1024  # a list answer (or one SSE event) larger than
 MAX_CACHED_BYTES = 1024 * 1024  # list results up to this size are remembered, filtered (see `filtered_json`)
 MAX_CACHED = 32  # per agent and backend
 _RESULT = b'"result"'
+_ESCAPE = b"\\u"  # a key may be spelled with \u escapes ("\u0072esult" is "result" to every JSON reader)
 
 
 def _filtered(document: Any, rules: Visibility) -> bool:
@@ -62,7 +63,7 @@ def filtered_message(body: bytes, rules: Visibility, request_id: str | int | Non
     servers write — `{"jsonrpc":"2.0","id":<the request's id>,"result":…}` — where those bytes are known without
     parsing: the next identical list costs a dictionary lookup. Whatever the form, the message sent is made by the
     gateway from what it parsed (or remembered), never the backend's bytes with a list the rules did not judge."""
-    if _RESULT not in body:
+    if _RESULT not in body and _ESCAPE not in body:
         return None  # an error, an empty 202, a notification: no list in it
     prefix = b'{"jsonrpc":"2.0","id":' + _dump(request_id) + b',"result":' if request_id is not None else b""
     canonical = bool(prefix) and body.startswith(prefix) and body.endswith(b"}")
@@ -95,10 +96,10 @@ class SseListFilter:
         self._pending = bytearray()  # bytes not yet a complete line
         self._event: list[bytes] = []  # the complete lines (with their ends) of the event being read
         self._size = 0
-        self._failed = False
+        self.failure: str | None = None  # set when the stream must end here (the relay ends it)
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._failed:
+        if self.failure is not None:
             return b""
         pending = self._pending
         pos = max(len(pending) - 1, 0)  # a CR kept at the end may be the first half of a CR LF
@@ -129,33 +130,37 @@ class SseListFilter:
                 out += self._finish_event()
         del pending[:start]
         if self._size + len(pending) > self._max:
-            self._failed = True
+            self.failure = "bad_backend_response"
             return bytes(out) + sse_error_event("bad_backend_response", "a backend event exceeded the size limit")
         return bytes(out)
 
     def end(self) -> bytes:
-        if self._failed:
+        """The stream ended: a last event without its blank line is judged as if complete (a client may read it;
+        a CR held back as maybe half of a CR LF ends its line)."""
+        if self.failure is not None:
             return b""
-        rest = b"".join(self._event) + bytes(self._pending)  # an unterminated last event passes as it came
-        self._event, self._pending, self._size = [], bytearray(), 0
-        return rest
+        if self._pending:
+            self._event.append(bytes(self._pending))
+            self._pending = bytearray()
+        return self._finish_event() if self._event else b""
 
     def _finish_event(self) -> bytes:
         lines, self._event, self._size = self._event, [], 0
         data = [line for line in lines if line.startswith(b"data")]
-        if not data or not any(_RESULT in line for line in data):
+        if not data or not any(_RESULT in line or _ESCAPE in line for line in data):
             return b"".join(lines)
-        payload = b"\n".join(_data_value(line) for line in data)
+        # Decoded as a client decodes it (invalid UTF-8 replaced): what the client could read is what is judged.
+        payload = b"\n".join(_data_value(line) for line in data).decode("utf-8", "replace").encode()
         try:
             text = filtered_message(payload, self._rules, self._request_id)
         except (ValueError, RecursionError):
-            return b"".join(lines)  # not JSON: not a message we judge
+            return b"".join(lines)  # not JSON to a client either: no message to judge
         except MalformedList:
-            self._failed = True
+            self.failure = "bad_backend_response"
             return sse_error_event("bad_backend_response", "the backend's list answer could not be read")
         if text is None:
             return b"".join(lines)
-        kept = [line for line in lines[:-1] if not line.startswith(b"data")]
+        kept = [line for line in lines if line.strip(b"\r\n") and not line.startswith(b"data")]
         return b"".join(kept) + b"data: " + text + b"\n\n"
 
 

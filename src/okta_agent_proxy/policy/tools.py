@@ -129,7 +129,7 @@ LISTS: Mapping[str, tuple[Kind, str]] = {
 }
 
 
-class MalformedList(ValueError):
+class MalformedList(Exception):
     """A list answer whose entries are not objects with a string name: the backend's fault (502)."""
 
 
