@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import re
-from collections.abc import Mapping
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, Problem, load
+from okta_agent_proxy.config.settings import Settings
 
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "data" / "seed_config.yaml"
 
@@ -149,3 +153,33 @@ def seed_with_generated_keys() -> str:
     text, count = re.subn(r"(?m)^(\s*private_key:) \.\.\.$", lambda m: f"{m.group(1)} '{jwk}'", text)
     assert count == 1
     return text
+
+
+def run_check(
+    directory: Path, document: Mapping[str, Any] | str, env_lines: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`okta-agent-proxy check` as a user runs it: `document` as the config, `env_lines` (and `PSK=k`) as its .env,
+    and none of the gateway's settings from this process's environment."""
+    config = write_yaml(directory, document)
+    env_file = directory / "check.env"
+    env_file.write_text("\n".join([*env_lines, "PSK=k"]) + "\n")
+    environment = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
+    return subprocess.run(
+        [sys.executable, "-m", "okta_agent_proxy", "check", "--config", str(config), "--env-file", str(env_file)],
+        cwd=directory,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def printed(stderr: str, severity: str) -> set[str]:
+    """The paths of `check`'s `<severity>: <path>: …` lines."""
+    found = set()
+    for line in stderr.splitlines():
+        kind, _, rest = line.partition(": ")
+        if kind == severity:
+            found.add(rest.split(": ", 1)[0])
+    return found

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, Problem, l
 from okta_agent_proxy.config.models import FrontDoorConfig
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.frontdoor.redirects import DEFAULT_REDIRECT_GLOBS
-from tests.unit.helpers import ec_key, paths, pem, pem_body_chunks, private_jwk, rsa_key, write_yaml
+from tests.unit.helpers import ec_key, paths, pem, pem_body_chunks, printed, private_jwk, rsa_key, run_check, write_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "front-door-s3cr3t-that-must-never-print-7a6b"
@@ -537,36 +534,10 @@ def test_the_example_config_front_door_block_loads_when_uncommented(tmp_path: Pa
 # --- the check command ------------------------------------------------------------------------------------------------
 
 
-def run_check(tmp_path: Path, env_lines: list[str], document: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    """`okta-agent-proxy check` as a user runs it, with a clean environment (its own .env only)."""
-    config = write_yaml(tmp_path, document)
-    env_file = tmp_path / "check.env"
-    env_file.write_text("\n".join([*env_lines, "PSK=k"]) + "\n")
-    environment = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
-    return subprocess.run(
-        [sys.executable, "-m", "okta_agent_proxy", "check", "--config", str(config), "--env-file", str(env_file)],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def printed(stderr: str, severity: str) -> set[str]:
-    """The paths of the `<severity>: <path>: …` lines."""
-    found = set()
-    for line in stderr.splitlines():
-        kind, _, rest = line.partition(": ")
-        if kind == severity:
-            found.add(rest.split(": ", 1)[0])
-    return found
-
-
 def test_check_prints_each_front_door_refusal_and_exits_2(tmp_path: Path) -> None:
     result = run_check(
         tmp_path,
+        yaml_config(),
         [
             "FRONT_DOOR=on",
             "OKTA_ISSUER=https://example.okta.com/oauth2/aus1",
@@ -574,7 +545,6 @@ def test_check_prints_each_front_door_refusal_and_exits_2(tmp_path: Path) -> Non
             f"GATEWAY_BASE_URL=http://gateway.example.com/{SECRET}",
             "FRONT_DOOR_AGENT_CLIENT_ID=wlp_agent",
         ],
-        yaml_config(),
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert printed(result.stderr, "error") == {
@@ -588,7 +558,7 @@ def test_check_prints_each_front_door_refusal_and_exits_2(tmp_path: Path) -> Non
 
 def test_check_passes_a_complete_front_door_and_warns_without_a_default_agent(tmp_path: Path) -> None:
     env_lines = [f"{name}={value}" for name, value in COMPLETE.items()]
-    result = run_check(tmp_path, env_lines, yaml_config())
+    result = run_check(tmp_path, yaml_config(), env_lines)
     assert result.returncode == 0, result.stdout + result.stderr
     assert printed(result.stderr, "error") == set()
     assert printed(result.stderr, "warning") == {"front_door.default_agent"}

@@ -8,9 +8,6 @@ case lists exactly the paths it must produce, so knock-on noise is caught too.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,7 @@ from pydantic import ValidationError
 from okta_agent_proxy.config.loader import Problem, format_loc
 from okta_agent_proxy.config.models import AccessRule, Agent, GatewayConfig
 from okta_agent_proxy.config.reference import reference_markdown
-from okta_agent_proxy.config.settings import Settings
-from tests.unit.helpers import load_config, paths, problems_of, write_yaml
+from tests.unit.helpers import load_config, paths, printed, problems_of, run_check, write_yaml
 
 Doc = dict[str, Any]
 
@@ -284,30 +280,7 @@ def test_tool_scopes_are_not_warned_of(tmp_path: Path) -> None:
 # --- the check command, as a user runs it -----------------------------------------------------------------------------
 
 
-def run_check(tmp_path: Path, doc: Doc) -> subprocess.CompletedProcess[str]:
-    config = write_yaml(tmp_path, doc)
-    env_file = tmp_path / "check.env"
-    env_file.write_text("PSK=k\nOKTA_ISSUER=https://example.okta.com/oauth2/aus1\n")
-    environment = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
-    return subprocess.run(
-        [sys.executable, "-m", "okta_agent_proxy", "check", "--config", str(config), "--env-file", str(env_file)],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def printed(stderr: str, severity: str) -> set[str]:
-    """The paths of the `<severity>: <path>: …` lines."""
-    found = set()
-    for line in stderr.splitlines():
-        kind, _, rest = line.partition(": ")
-        if kind == severity:
-            found.add(rest.split(": ", 1)[0])
-    return found
+ISSUER_LINE = "OKTA_ISSUER=https://example.okta.com/oauth2/aus1"
 
 
 def test_check_prints_each_policy_warning_and_passes(tmp_path: Path) -> None:
@@ -319,7 +292,7 @@ def test_check_prints_each_policy_warning_and_passes(tmp_path: Path) -> None:
         ),
         {"backends": yaml.safe_load(DESIGN_EXAMPLE)["backends"]},
     )
-    result = run_check(tmp_path, doc)
+    result = run_check(tmp_path, doc, [ISSUER_LINE])
     assert result.returncode == 0, result.stdout + result.stderr
     assert printed(result.stderr, "error") == set()
     assert printed(result.stderr, "warning") == {
@@ -331,7 +304,7 @@ def test_check_prints_each_policy_warning_and_passes(tmp_path: Path) -> None:
 
 
 def test_check_refuses_a_bad_glob_and_exits_2(tmp_path: Path) -> None:
-    result = run_check(tmp_path, with_agent(tool_access={"employees": {"deny": ["ok", ""]}}))
+    result = run_check(tmp_path, with_agent(tool_access={"employees": {"deny": ["ok", ""]}}), [ISSUER_LINE])
     assert result.returncode == 2, result.stdout + result.stderr
     assert printed(result.stderr, "error") == {f"{RULE}.deny[1]"}
 
