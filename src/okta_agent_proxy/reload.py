@@ -111,7 +111,8 @@ class ConfigReloader:
 
 def changed_names(old: GatewayConfig, new: GatewayConfig) -> dict[str, Any]:
     """What a reload changes, by name: `backends_added`, `…_removed`, `…_changed`, the same for agents, and
-    `audit_changed`. Never a value: a rotated secret shows as its backend or agent having changed."""
+    `audit_changed`, `rate_limits_changed`, `front_door_changed`. Never a value: a rotated secret shows as its
+    backend or agent having changed."""
     changes: dict[str, Any] = {}
     for section, before, after in (
         ("backends", old.backends, new.backends),
@@ -122,7 +123,8 @@ def changed_names(old: GatewayConfig, new: GatewayConfig) -> dict[str, Any]:
         changes[f"{section}_changed"] = sorted(
             name for name in before.keys() & after.keys() if _comparable(before[name]) != _comparable(after[name])
         )
-    changes["audit_changed"] = _comparable(old.audit) != _comparable(new.audit)
+    for section in ("audit", "rate_limits", "front_door"):
+        changes[f"{section}_changed"] = _comparable(getattr(old, section)) != _comparable(getattr(new, section))
     return changes
 
 

@@ -43,6 +43,8 @@ def test_the_same_file_loaded_twice_changes_nothing(tmp_path: Path) -> None:
         "agents_removed": [],
         "agents_changed": [],
         "audit_changed": False,
+        "rate_limits_changed": False,
+        "front_door_changed": False,
     }
 
 
@@ -55,6 +57,7 @@ def test_added_removed_and_changed_are_named(tmp_path: Path) -> None:
     doc["agents"]["windsurf"] = {"client_id": "0oa_windsurf"}
     del doc["agents"]["cursor"]
     doc["audit"]["when_full"] = "block"
+    doc["front_door"] = {"default_scopes": ["mcp:read", "mcp:write"]}
     changes = changed_names(before, loaded(tmp_path, doc))
     assert changes == {
         "backends_added": ["billing"],
@@ -64,6 +67,8 @@ def test_added_removed_and_changed_are_named(tmp_path: Path) -> None:
         "agents_removed": ["cursor"],
         "agents_changed": ["claude-code"],
         "audit_changed": True,
+        "rate_limits_changed": False,
+        "front_door_changed": True,
     }
 
 
