@@ -136,3 +136,22 @@ async def test_a_login_without_an_okta_refresh_token_ends_when_its_id_token_does
     form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
     async with browser() as person, person.http.post(stack.url("/oauth/token"), data=form) as response:
         assert response.status == 400 and (await response.json())["error"] == "invalid_grant"
+
+
+async def test_a_user_ended_at_okta_loses_the_grant_at_the_next_refresh(stack: FrontDoorStack) -> None:
+    """No Cross App Access backend involved: a gateway refresh itself renews the held ID token at Okta when it is
+    due, so Okta's `invalid_grant` (user deactivated, sessions revoked) ends the grant there too."""
+    async with browser() as person:
+        client_id, tokens, _ = await sign_in(stack, person, "/employees")
+    grant_id = claims(tokens["access_token"])["grant"]
+
+    async def refused(request: TokenRequest) -> dict[str, Any]:
+        raise OAuthError("invalid_grant", "The refresh token is invalid or expired.")
+
+    stack.idp.register_grant("refresh_token", refused, kind="org")
+    await expire_soon(stack, grant_id, 60)
+    form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": client_id}
+    async with browser() as person, person.http.post(stack.url("/oauth/token"), data=form) as response:
+        assert response.status == 400 and (await response.json())["error"] == "invalid_grant"
+    status, body = await mcp_call(stack, "/employees", tokens["access_token"])
+    assert status == 401 and body["error"] == "invalid_token", body

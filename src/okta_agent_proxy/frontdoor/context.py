@@ -17,7 +17,7 @@ import structlog
 from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.frontdoor.cimd import ClientMetadataFetcher
-from okta_agent_proxy.frontdoor.grants import GrantLiveness
+from okta_agent_proxy.frontdoor.grants import GrantLiveness, HeldIdTokens
 from okta_agent_proxy.frontdoor.keyring import Sealers
 from okta_agent_proxy.frontdoor.okta_login import OktaLogin
 from okta_agent_proxy.frontdoor.redirects import RedirectPolicy
@@ -53,6 +53,7 @@ class FrontDoorContext:
     redirects: RedirectPolicy
     resources: ResourceMap
     liveness: GrantLiveness
+    held: HeldIdTokens  # the Okta ID token each grant holds: a refresh asks Okta whether the user may go on
     config: Callable[[], GatewayConfig]  # the current generation's
     cimd: ClientMetadataFetcher | None  # None: FRONT_DOOR_CIMD=off
     tokens: FrontDoorTokens | None = field(default=None)  # set by `FrontDoor.start` (the key may come from the store)

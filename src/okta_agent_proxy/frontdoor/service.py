@@ -97,6 +97,7 @@ class FrontDoor:
         keys = sealers(state_secret(settings))
         if cimd is None and settings.front_door_cimd:
             cimd = ClientMetadataFetcher(allow_loopback=_loopback(settings.base_url))
+        self.held = HeldIdTokens(store, keys.okta_tokens, self.login, liveness)
         self.context = FrontDoorContext(
             settings=settings,
             store=store,
@@ -105,10 +106,10 @@ class FrontDoor:
             redirects=RedirectPolicy.from_setting(settings.FRONT_DOOR_REDIRECT_URIS),
             resources=ResourceMap(settings.base_url, backend_of),
             liveness=liveness,
+            held=self.held,
             config=config,
             cimd=cimd,
         )
-        self.held = HeldIdTokens(store, keys.okta_tokens, self.login, liveness)
         self.liveness = liveness
         self._limit = registration.RegistrationLimit()
         # A person signs in a few times a minute at most; a script starting authorizations in a loop (each may make

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from okta_agent_proxy.errors import CredentialUnavailable, IdpUnavailable, InvalidToken
 from okta_agent_proxy.frontdoor.cimd import is_client_id_url
 from okta_agent_proxy.frontdoor.context import FrontDoorContext
 from okta_agent_proxy.frontdoor.forms import OAuthError, form, json_answer, oauth_error_answer, required
@@ -110,6 +111,7 @@ async def _refresh(context: FrontDoorContext, params: dict[str, str]) -> Answer:
     _, grant = found
     _same_resource(params, grant)
     scopes = _narrowed(params.get("scope"), grant.scopes)
+    await _still_allowed_at_okta(context, grant)
     new_token = secrets.token_urlsafe(32)
     pair = await _pair(context, grant, scopes, new_token)
     sealed = context.sealers.successors.seal(json.dumps(pair).encode(), _successor_aad(presented))
@@ -134,6 +136,20 @@ async def _refresh(context: FrontDoorContext, params: dict[str, str]) -> Answer:
             EventKind.REFRESH_REUSE, client_id=client_id, user_sub=grant.user_sub, grant_id=grant.grant_id
         )
     raise OAuthError("invalid_grant", "the refresh token is invalid, expired or already used")
+
+
+async def _still_allowed_at_okta(context: FrontDoorContext, grant: Grant) -> None:
+    """A refresh goes on only while Okta would go on: the held ID token is refreshed at Okta when it is near its
+    expiry (at most an hour for Okta's), so a user deactivated or signed out at Okta — `invalid_grant` there — loses
+    the grant at the next refresh, whatever the backends (without this, only Cross App Access would ever ask)."""
+    try:
+        await context.held.id_token(grant.grant_id)
+    except InvalidToken:
+        raise OAuthError("invalid_grant", "the sign-in at Okta has ended; sign in again") from None
+    except IdpUnavailable:
+        raise OAuthError("temporarily_unavailable", "Okta cannot be reached; try again", 503) from None
+    except CredentialUnavailable:
+        raise OAuthError("server_error", "the gateway cannot renew this sign-in", 500) from None
 
 
 def _successor_aad(presented: str) -> bytes:
