@@ -1092,3 +1092,18 @@ async def test_authorizations_from_one_address_are_rate_limited(stack: FrontDoor
         limited = await send(http, "GET", url)
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
     assert "text/html" in limited.headers["Content-Type"]
+
+
+async def test_a_remembered_consent_is_not_reused_for_a_loopback_redirect(stack: FrontDoorStack) -> None:
+    """RFC 8252 §8.6: a loopback port (or a custom scheme) proves nothing of who gets the code — a local process can
+    name a client the user approved and listen on any port. Remembered consent skips the page for https only."""
+    https_uri = "https://client.example/callback"
+    async with browser() as person:
+        client_id = await register(person.http, stack, REDIRECT, https_uri)
+        for uri in (REDIRECT, https_uri):  # approved once for each
+            await person.authorize(authorize_url(stack, client_id, Pkce(), uri), uri)
+        again = await person.sign_in(authorize_url(stack, client_id, Pkce(), https_uri), https_uri)
+        assert again.status == 303 and again.headers["Location"].startswith(https_uri)  # straight back with a code
+        elsewhere = REDIRECT.replace("33418", "45999")
+        page = await person.sign_in(authorize_url(stack, client_id, Pkce(), elsewhere), elsewhere)
+        assert page.status == 200 and 'name="decision"' in page.text  # asked again

@@ -1,7 +1,10 @@
 """The consent step (DESIGN.md §8): the user approves this client for this backend, once, then it is remembered.
 
 After the login, a user who already approved this client for this backend with at least these scopes goes straight
-back to the client with a code; anyone else sees the consent page (`pages.py`). Its form carries a CSRF token — a
+back to the client with a code — when the code goes to an `https` redirect URI. A loopback or custom-scheme
+redirect proves nothing of who receives the code (any local process can listen on a port, or claim a scheme, and
+name a known client), so the page is shown every time for those (RFC 8252 §8.6). Anyone else sees the consent page
+(`pages.py`). Its form carries a CSRF token — a
 single-use value in the store whose sealed payload is the rest of the flow — and the browser that was shown the
 page holds a cookie whose hash that payload names: a token copied into another browser, or a form posted from
 another site (SameSite=Lax keeps the cookie off a cross-site POST; the edge refuses a foreign `Origin`), does not
@@ -54,7 +57,7 @@ async def continue_to_consent(
         "scopes": list(scopes),
     }
     remembered = await context.store.find_consent(subject, pending.client_id, pending.backend)
-    if remembered is not None and remembered.covers(scopes):
+    if remembered is not None and remembered.covers(scopes) and pending.redirect_uri.startswith("https://"):
         return await _issue_code(context, step)
     try:
         client = await find_client(context, pending.client_id)
