@@ -989,7 +989,9 @@ async def test_hostile_authorization_requests(stack: FrontDoorStack) -> None:
             assert_refused_page(await send(person.http, "GET", url))
         huge = await send(person.http, "GET", good + "&junk=" + "A" * 100_000)  # beyond the HTTP parser's line
         assert huge.status in (400, 414, 431) and "Location" not in huge.headers, huge.status
-        # After: back to the client with the error, its state and the issuer — and no login at Okta.
+        # After the client is known, but before the user did anything: an HTML page naming the error, still no
+        # redirect (registration is open: a redirect here would make the gateway an open redirector, RFC 9700
+        # §4.11.2) — and no login at Okta.
         refused: list[tuple[str, dict[str, str | None]]] = [
             ("unsupported_response_type", {"response_type": "token"}),  # the implicit grant
             ("invalid_request", {"code_challenge_method": "plain"}),
@@ -1002,12 +1004,8 @@ async def test_hostile_authorization_requests(stack: FrontDoorStack) -> None:
         ]
         for error, changes in refused:
             reply = await send(person.http, "GET", authorize_url(stack, client_id, pkce, changes=changes))
-            assert reply.status == 303, (error, reply.status, reply.text[:200])
-            location = reply.headers["Location"]
-            assert location.startswith(REDIRECT + "?"), location
-            back = query_of(location)
-            assert (back["error"], back["state"], back["iss"]) == (error, pkce.state, stack.base_url), back
-            assert "code" not in back and "Set-Cookie" not in reply.headers
+            assert_refused_page(reply)
+            assert error in reply.text and "Set-Cookie" not in reply.headers, (error, reply.text[:300])
     assert len(stack.idp.login.authorization_requests) == 0
     assert await rows(stack, oauth_pending) == 0
     # Scopes beyond what the user's groups allow are dropped; nothing left to grant → invalid_scope, no grant.
@@ -1033,8 +1031,8 @@ async def test_a_challenge_that_is_not_base64url_is_refused_before_the_login(sta
             reply = await send(
                 person.http, "GET", authorize_url(stack, client_id, pkce, changes={"code_challenge": challenge})
             )
-            assert reply.status == 303 and reply.headers["Location"].startswith(REDIRECT + "?"), (challenge, reply)
-            assert query_of(reply.headers["Location"])["error"] == "invalid_request"
+            assert_refused_page(reply)
+            assert "invalid_request" in reply.text, (challenge, reply.text[:300])
     assert len(stack.idp.login.authorization_requests) == 0
 
 

@@ -1,9 +1,11 @@
 """`GET /oauth/authorize` and `GET /oauth/callback` (DESIGN.md §8): the client's authorization request, the user's
 login at Okta as the gateway's own app, and the way back.
 
-`/oauth/authorize` checks the request in RFC 6749 §4.1.2.1's order: the client and its redirect URI first — while
-either is in doubt the answer is an HTML page, never a redirect — then everything else, refused by redirecting to
-the client with `error`, `state` and `iss` (RFC 9207). A good request is sent on to Okta's org authorization server
+`/oauth/authorize` checks the client and its redirect URI first, then everything else; a request refused at this
+stage gets an HTML page, never a redirect — not even to a registered URI, since registration is open and a redirect
+before any user interaction would make the gateway an open redirector (RFC 9700 §4.11.2). Errors after the sign-in
+(Okta's refusal, no scope to grant, consent denied) go back to the client with `error`, `state` and `iss` (RFC
+9207). A good request is sent on to Okta's org authorization server
 with the gateway's client id, its own PKCE, `state` and `nonce`; the client's request travels in a sealed, HttpOnly,
 SameSite=Lax cookie named after Okta's `state` (several flows may run in one browser), and that `state` is a
 single-use value in the store.
@@ -78,11 +80,13 @@ async def authorize(context: FrontDoorContext, request: HttpRequest) -> Answer:
     if redirect_uri is None:
         await context.event(EventKind.REFUSAL, client_id=client_id, detail={"reason": "redirect_uri_mismatch"})
         return html_error("Invalid redirect", "redirect_uri is not one this application registered.")
-    state = params.get("state")
     try:
         pending = _pending(context, params, client_id, redirect_uri)
     except OAuthError as error:
-        return redirect_error(context, redirect_uri, state, error.error, error.description)
+        # Not redirected, though the redirect URI is registered: anyone may register any https URI, and a request
+        # that fails before the user has done anything would make this gateway's name an open redirector
+        # (RFC 9700 §4.11.2). Errors found after the sign-in go back to the client.
+        return html_error("Invalid request", f"{error.error}: {error.description}")
     await context.store.touch_client(client_id)
     start = context.login.start()
     await context.store.start_pending(
