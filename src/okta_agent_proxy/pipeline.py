@@ -28,6 +28,7 @@ from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
+    BadBackendResponse,
     GatewayError,
     HeaderMismatch,
     HiddenTarget,
@@ -284,6 +285,9 @@ class Pipeline:
             self.framing[route.name] = is_sse  # how this backend answers: a refused call is framed alike
         if rules is not None and request.method == "POST" and (message is None or message.method not in LIST_METHODS):
             rules = None  # only a list request's answer holds a list: any other streams untouched, however large
+        if rules is not None and response.headers.get("Content-Encoding", "identity").lower() != "identity":
+            response.close()  # asked for identity (`upstream_headers`): a compressed list cannot be judged
+            raise BadBackendResponse(f"backend {route.name} sent a compressed answer where a list must be read")
         if rules is not None and not is_sse and request.method == "POST":
             return await self.whole(response, route, rules, message, session_id, record)
         counted = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import time
 import tracemalloc
@@ -905,3 +906,16 @@ async def test_a_reload_changes_the_policy_for_new_requests_not_streams_in_fligh
                 await client.call_tool("delete_employee", {})
     assert tools == [name for name in TOOLS if not name.startswith("delete_")]
     assert stk.json.reached() == ["get_salary"]
+
+
+async def test_a_compressed_list_answer_is_refused_not_passed_unjudged(stk: Stack) -> None:
+    """The gateway asks for `identity`; a backend (or a proxy in front of it) that compresses anyway would hide the
+    list from the filter while the client decompresses it: 502 for an agent with rules, untouched for one without."""
+    compressed = gzip.compress(list_answer("get_employee", "get_salary").replace(b'"__ID__"', b"2"))
+    for content_type in ("application/json", "text/event-stream"):
+        path = "/s/gzip-" + content_type.split("/")[1]
+        stk.scripted.answers[path] = ScriptedAnswer(content_type, compressed, headers={"Content-Encoding": "gzip"})
+        answer = await call(stk, path.replace("/s/", "scripted/"), stk.token(), MODERN, "tools/list", 2)
+        assert (answer.status, answer.json["error"]) == (502, "bad_backend_response"), content_type
+        untouched = await call(stk, path.replace("/s/", "scripted/"), stk.token(CURSOR), MODERN, "tools/list", 2)
+        assert untouched.status == 200 and b"get_salary" in untouched.body  # (the test's client decompresses)

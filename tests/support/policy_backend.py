@@ -329,6 +329,7 @@ class ScriptedAnswer:
     content_type: str
     body: bytes | Chunks
     status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)  # more response headers (e.g. Content-Encoding)
 
 
 @dataclass
@@ -352,8 +353,11 @@ class ScriptedBackend:
             message = seen.message
             request_id = json.dumps(message.get("id") if isinstance(message, dict) else None).encode()
             text = answer.body.replace(ID_PLACEHOLDER, request_id)
-            return web.Response(status=answer.status, body=text, headers={"Content-Type": answer.content_type})
-        response = web.StreamResponse(status=answer.status, headers={"Content-Type": answer.content_type})
+            headers = {"Content-Type": answer.content_type, **answer.headers}
+            return web.Response(status=answer.status, body=text, headers=headers)
+        response = web.StreamResponse(
+            status=answer.status, headers={"Content-Type": answer.content_type, **answer.headers}
+        )
         await response.prepare(request)
         async for chunk in answer.body():
             await response.write(chunk)
