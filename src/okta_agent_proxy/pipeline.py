@@ -51,7 +51,7 @@ from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, Session
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
-from okta_agent_proxy.policy.tools import CALLS, LIST_METHODS, Kind, Policies, Visibility, unknown_message
+from okta_agent_proxy.policy.tools import LIST_METHODS, Kind, Policies, Visibility, call_kind, unknown_message
 from okta_agent_proxy.record import CLIENT_CLOSED, Observers, Outcome, RequestRecord, upstream_outcome
 from okta_agent_proxy.routing import Route, RouteTable
 
@@ -151,7 +151,7 @@ class Pipeline:
         record.bytes_in = len(body)  # recorded even when it turns out not to be JSON
         message = record.message = parse_message(body)
         headers = request.headers
-        if message.kind == "request" and is_stateless(headers.get("MCP-Protocol-Version"), message):
+        if message.kind == "request" and ("Mcp-Method" in headers or "Mcp-Name" in headers):  # sent: must agree
             mismatch = routing_header_mismatch(headers.get("Mcp-Method"), headers.get("Mcp-Name"), message)
             if mismatch is not None:
                 raise HeaderMismatch(mismatch, request_id=message.id, status=400)
@@ -180,7 +180,7 @@ class Pipeline:
         rules = self.policies.of(caller.agent_name, caller.agent.agent, route.name)
         if rules is None or message is None or message.name is None:
             return rules
-        kind = CALLS.get(message.method or "")
+        kind = call_kind(message.method, message.ref_type)
         if kind is not None and not rules.permits(kind, message.name):
             stateless = is_stateless(request.headers.get("MCP-Protocol-Version"), message)
             raise HiddenTarget(

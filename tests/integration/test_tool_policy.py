@@ -919,3 +919,26 @@ async def test_a_compressed_list_answer_is_refused_not_passed_unjudged(stk: Stac
         assert (answer.status, answer.json["error"]) == (502, "bad_backend_response"), content_type
         untouched = await call(stk, path.replace("/s/", "scripted/"), stk.token(CURSOR), MODERN, "tools/list", 2)
         assert untouched.status == 200 and b"get_salary" in untouched.body  # (the test's client decompresses)
+
+
+async def test_completions_and_subscriptions_of_hidden_names_never_reach_the_backend(stk: Stack) -> None:
+    """completion/complete (by its ref) and resources/subscribe name one prompt or resource too: the same rule; and
+    a resource URI written otherwise than servers compare it (`EMPLOYEES://`, `..`, `%2e`) is judged hidden."""
+    stk.scripted.answers["/s/any"] = ScriptedAnswer("application/json", b'{"jsonrpc":"2.0","id":"__ID__","result":{}}')
+    token = stk.token()
+    before = len(stk.scripted.received)
+    hidden_uri = HIDDEN_RESOURCES[0]
+    visible_uri = VISIBLE_RESOURCES[0]
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("completion/complete", {"ref": {"type": "ref/prompt", "name": HIDDEN_PROMPTS[0]}, "argument": {}}),
+        ("resources/subscribe", {"uri": hidden_uri}),
+        ("resources/read", {"uri": visible_uri.replace("employees://", "EMPLOYEES://", 1)}),
+        ("resources/read", {"uri": visible_uri.replace("/public/", "/public/../public/", 1)}),
+    ]
+    for method, params in refused:
+        answer = await call(stk, "scripted/any", token, "legacy", method, 3, **params)
+        # framed as this backend last answered (an earlier test may have made it stream)
+        sse = media_type(answer) == "text/event-stream"
+        payload = json.loads(parse_sse(answer.body)[-1][1]) if sse else answer.json
+        assert (answer.status, payload["error"]["code"]) == (200, -32602), (method, answer.body)
+    assert len(stk.scripted.received) == before

@@ -31,6 +31,7 @@ from okta_agent_proxy.policy.tools import (
     Policies,
     Rule,
     Visibility,
+    call_kind,
     filter_result,
     step_up_scopes,
     unknown_message,
@@ -125,7 +126,16 @@ def test_policies_are_made_once_per_agent_and_backend() -> None:
 
 
 def test_what_is_called_and_the_unknown_answers() -> None:
-    assert dict(CALLS) == {"tools/call": Kind.TOOL, "resources/read": Kind.RESOURCE, "prompts/get": Kind.PROMPT}
+    assert dict(CALLS) == {
+        "tools/call": Kind.TOOL,
+        "resources/read": Kind.RESOURCE,
+        "resources/subscribe": Kind.RESOURCE,
+        "resources/unsubscribe": Kind.RESOURCE,
+        "prompts/get": Kind.PROMPT,
+    }
+    assert call_kind("completion/complete", "ref/prompt") is Kind.PROMPT
+    assert call_kind("completion/complete", "ref/resource") is Kind.RESOURCE
+    assert call_kind("completion/complete", "ref/other") is None
     assert unknown_message(Kind.TOOL, "get_salary") == "Unknown tool: get_salary"
     assert unknown_message(Kind.RESOURCE, "employees://x") == "Unknown resource: employees://x"
     assert unknown_message(Kind.PROMPT, "p") == "Unknown prompt: p"
@@ -307,7 +317,7 @@ PROGRESS = [
     b": a keep-alive comment\n\n",
     b'id: 7\nretry: 250\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{"data":"result"}}\n\n',
     b'data: {"jsonrpc":"2.0","id":9,"result":{"content":[]}}\n\n',  # a result, not of list shape
-    b'data: not json but "result"\n\n',
+    b"data: not json at all\n\n",
     b"id: 8\n\n",
 ]
 LIST_EVENT = (
@@ -434,3 +444,37 @@ def test_a_list_event_that_is_not_utf8_does_not_pass_unfiltered() -> None:
 def test_a_list_event_ended_by_a_cr_at_the_end_of_the_stream_is_filtered() -> None:
     event = b'event: message\rdata: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"get_salary"}]}}\r\r'
     assert b"get_salary" not in joined([event])
+
+
+def test_an_event_that_may_hold_a_list_and_is_not_json_to_python_ends_the_stream() -> None:
+    """A number of more than 4 300 digits (or nesting past the recursion limit) is not JSON to Python's reader but is
+    to a JavaScript client's: such an event is refused, never passed."""
+    rules = Visibility(tools=Rule(deny=("get_salary",)))
+    long_number = b"1" * 5000
+    event = b'data: {"jsonrpc":"2.0","id":1,"result":{"n":' + long_number + b',"tools":[{"name":"get_salary"}]}}\n\n'
+    stream = SseListFilter(rules, 1)
+    out = stream.feed(event) + stream.end()
+    assert b"get_salary" not in out and b"bad_backend_response" in out and stream.failure == "bad_backend_response"
+
+
+def test_a_bom_before_the_first_event_does_not_hide_it_from_the_filter() -> None:
+    rules = Visibility(tools=Rule(deny=("get_salary",)))
+    event = b'\xef\xbb\xbfdata: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"get_salary"},{"name":"a"}]}}\n\n'
+    for split in range(1, 6):
+        stream = SseListFilter(rules, 1)
+        out = stream.feed(event[:split]) + stream.feed(event[split:]) + stream.end()
+        assert b"get_salary" not in out and b'"name":"a"' in out, (split, out)
+
+
+def test_resource_uris_not_in_canonical_form_are_hidden() -> None:
+    rules = Visibility(resources=Rule(deny=("employees://private/*",)))
+    assert rules.permits(Kind.RESOURCE, "employees://public/1")
+    for uri in (
+        "EMPLOYEES://private/7",
+        "employees://private/x/../7",
+        "employees://public/../private/7",
+        "employees://private/%2e/7",
+        "employees://%70rivate/7",
+        "employees://Private/7",
+    ):
+        assert not rules.permits(Kind.RESOURCE, uri), uri

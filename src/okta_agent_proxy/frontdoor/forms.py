@@ -41,9 +41,11 @@ def parameters(text: str) -> dict[str, str]:
     except ValueError:
         raise OAuthError("invalid_request", "too many parameters") from None
     found: dict[str, str] = {}
+    seen: set[str] = set()  # an empty repeat counts too: `state=&state=x` is two states
     for name, value in pairs:
-        if name in found:
+        if name in seen:
             raise OAuthError("invalid_request", f"the parameter {name} was sent more than once")
+        seen.add(name)
         if value:
             found[name] = value
     return found

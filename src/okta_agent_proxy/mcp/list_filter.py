@@ -30,6 +30,7 @@ MAX_LIST_BYTES = 8 * 1024 * 1024  # a list answer (or one SSE event) larger than
 MAX_CACHED_BYTES = 1024 * 1024  # list results up to this size are remembered, filtered (see `filtered_json`)
 MAX_CACHED = 32  # per agent and backend
 _RESULT = b'"result"'
+_BOM = b"\xef\xbb\xbf"
 _ESCAPE = b"\\u"  # a key may be spelled with \u escapes ("\u0072esult" is "result" to every JSON reader)
 
 
@@ -96,6 +97,7 @@ class SseListFilter:
         self._pending = bytearray()  # bytes not yet a complete line
         self._event: list[bytes] = []  # the complete lines (with their ends) of the event being read
         self._size = 0
+        self._at_start = True  # a UTF-8 BOM may begin the stream
         self.failure: str | None = None  # set when the stream must end here (the relay ends it)
 
     def feed(self, chunk: bytes) -> bytes:
@@ -104,6 +106,11 @@ class SseListFilter:
         pending = self._pending
         pos = max(len(pending) - 1, 0)  # a CR kept at the end may be the first half of a CR LF
         pending += chunk
+        if self._at_start and len(pending) >= len(_BOM):
+            self._at_start = False
+            if pending.startswith(_BOM):  # a client's decoder drops it (WHATWG SSE): so must the line reader
+                del pending[: len(_BOM)]
+                pos = 0
         out = bytearray()
         start = 0
         # Line ends found with `bytes.find` (memchr), a CR's position remembered: a regex over a 50 KB event line
@@ -153,9 +160,9 @@ class SseListFilter:
         payload = b"\n".join(_data_value(line) for line in data).decode("utf-8", "replace").encode()
         try:
             text = filtered_message(payload, self._rules, self._request_id)
-        except (ValueError, RecursionError):
-            return b"".join(lines)  # not JSON to a client either: no message to judge
-        except MalformedList:
+        except (ValueError, RecursionError, MalformedList):
+            # Not JSON to Python's reader (too deep, a number of more than 4 300 digits…) may still be JSON to a
+            # client's: an event that may hold a list and cannot be judged is refused, never passed.
             self.failure = "bad_backend_response"
             return sse_error_event("bad_backend_response", "the backend's list answer could not be read")
         if text is None:

@@ -19,7 +19,14 @@ from typing import Any, Literal
 from okta_agent_proxy.errors import BadRequest, MalformedJson
 
 MODERN_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-_NAMED_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+_NAMED_METHODS = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    "resources/subscribe": "uri",
+    "resources/unsubscribe": "uri",
+}
+_COMPLETION_REFS = {"ref/prompt": "name", "ref/resource": "uri"}  # completion/complete's `params.ref`
 _ID_TYPES = (str, int)  # a tuple made once: `str | int` in the check would build a union on every message
 
 
@@ -28,9 +35,10 @@ class McpMessage:
     kind: Literal["request", "notification", "response", "other"]
     method: str | None = None
     id: str | int | None = None
-    name: str | None = None  # tool or prompt name, or resource URI
+    name: str | None = None  # tool or prompt name, or resource URI (for completion/complete: its ref's)
     protocol_version: str | None = None  # from params._meta (2026-07-28 and later)
     arguments: Any = None
+    ref_type: str | None = None  # completion/complete: `params.ref.type` (ref/prompt or ref/resource)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -70,17 +78,21 @@ def parse_message(body: bytes) -> McpMessage:
         kind: Literal["response", "other"] = "response" if "result" in document or "error" in document else "other"
         return McpMessage(kind, id=message_id)
     params = document.get("params")
-    name = arguments = version = None
+    name = arguments = version = ref_type = None
     if isinstance(params, dict):
         key = _NAMED_METHODS.get(method)
         value = params.get(key) if key else None
+        ref = params.get("ref") if method == "completion/complete" else None
+        if isinstance(ref, dict) and isinstance(ref.get("type"), str):
+            ref_type = ref["type"]
+            value = ref.get(_COMPLETION_REFS.get(ref_type, ""))
         name = value if isinstance(value, str) else None
         arguments = params.get("arguments")
         meta = params.get("_meta")
         if isinstance(meta, dict) and isinstance(meta.get(MODERN_VERSION_KEY), str):
             version = meta[MODERN_VERSION_KEY]
     kind_: Literal["request", "notification"] = "request" if "id" in document else "notification"
-    return McpMessage(kind_, method, message_id, name, version, arguments)
+    return McpMessage(kind_, method, message_id, name, version, arguments, ref_type)
 
 
 STATELESS_VERSION = "2026-07-28"  # the first protocol version without sessions

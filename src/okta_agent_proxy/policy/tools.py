@@ -13,6 +13,7 @@ back on every list and call.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,8 +31,37 @@ class Kind(StrEnum):
     PROMPT = "prompt"
 
 
-# The method that calls one named thing, and what it names.
-CALLS: Mapping[str, Kind] = {"tools/call": Kind.TOOL, "resources/read": Kind.RESOURCE, "prompts/get": Kind.PROMPT}
+# The methods that name one thing, and what they name (completion/complete: by its `ref`, `call_kind`).
+CALLS: Mapping[str, Kind] = {
+    "tools/call": Kind.TOOL,
+    "resources/read": Kind.RESOURCE,
+    "resources/subscribe": Kind.RESOURCE,
+    "resources/unsubscribe": Kind.RESOURCE,
+    "prompts/get": Kind.PROMPT,
+}
+_URI_ESCAPED_UNRESERVED = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee])")
+
+
+def call_kind(method: str | None, ref_type: str | None = None) -> Kind | None:
+    """What a request names: CALLS, or for completion/complete the kind of its `ref` (`ref/prompt`…)."""
+    if method == "completion/complete":
+        return {"ref/prompt": Kind.PROMPT, "ref/resource": Kind.RESOURCE}.get(ref_type or "")
+    return CALLS.get(method or "")
+
+
+def canonical_uri(uri: str) -> bool:
+    """Whether a resource URI is written as servers compare it (RFC 3986 §6.2.2): scheme and authority in lower
+    case, no `.`/`..` segments, no escaped unreserved character. A server may normalise `EMPLOYEES://private/%2e/7`
+    into a URI a glob hides: such a URI is judged hidden rather than guessed at."""
+    scheme, colon, rest = uri.partition(":")
+    if not colon or scheme != scheme.lower() or _URI_ESCAPED_UNRESERVED.search(uri):
+        return False
+    if rest.startswith("//"):
+        authority = rest[2:].split("/", 1)[0]
+        if authority != authority.lower():
+            return False
+    path = rest.split("?", 1)[0].split("#", 1)[0]
+    return not any(segment in (".", "..") for segment in path.split("/"))
 
 
 @dataclass(frozen=True)
@@ -67,7 +97,7 @@ class Visibility:
         if known is not None:
             return known
         rule = self.rule(kind)
-        allowed = rule is None or rule.permits(name)
+        allowed = rule is None or (rule.permits(name) and (kind is not Kind.RESOURCE or canonical_uri(name)))
         if len(self._memo) >= _MEMO_MAX:
             self._memo.clear()
         self._memo[key] = allowed
