@@ -74,7 +74,8 @@ async def authorize(context: FrontDoorContext, request: HttpRequest) -> Answer:
     try:
         client = await find_client(context, client_id)
     except UnknownClient as unknown:
-        await context.event(EventKind.REFUSAL, client_id=client_id[:200], detail={"reason": "unknown_client"})
+        detail = {"reason": "unknown_client", **({"document": unknown.why} if unknown.why else {})}
+        await context.event(EventKind.REFUSAL, client_id=client_id[:200], detail=detail)
         return html_error("Unknown application", str(unknown))
     redirect_uri = requested_uri if match_redirect_uri(requested_uri, client.redirect_uris) else None
     if redirect_uri is None:

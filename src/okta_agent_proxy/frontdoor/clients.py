@@ -22,7 +22,12 @@ class Client:
 
 
 class UnknownClient(Exception):
-    """No such client; the message is safe to show."""
+    """No such client; the message is safe to show. `why`: for the security event only (a metadata document's
+    refusal reason — which would tell an outsider how the gateway's resolver sees internal names)."""
+
+    def __init__(self, message: str, why: str | None = None) -> None:
+        super().__init__(message)
+        self.why = why
 
 
 async def find_client(context: FrontDoorContext, client_id: str) -> Client:
@@ -32,10 +37,13 @@ async def find_client(context: FrontDoorContext, client_id: str) -> Client:
         try:
             metadata = await context.cimd.get(client_id)
         except CimdRefused as refused:
-            raise UnknownClient(f"the client's metadata document was refused: {refused}") from None
+            raise UnknownClient("the client's metadata document could not be used", str(refused.reason)) from None
         for uri in metadata.redirect_uris:
             if not context.redirects.allows(uri):
-                raise UnknownClient("the client's metadata document lists a redirect URI this gateway does not allow")
+                raise UnknownClient(
+                    "the client's metadata document lists a redirect URI this gateway does not allow",
+                    "redirect_uri_not_allowed",
+                )
         await context.store.save_cimd_client(
             client_id=client_id,
             client_name=metadata.client_name,
