@@ -318,7 +318,11 @@ async def test_agent_cases() -> None:
 
 async def test_method_scopes_checked_from_the_body() -> None:
     async with stack() as s:
+        # A mirrored header that disagrees with the body is refused whatever the era (PROTOCOL §4: -32020), never
+        # believed; the method's scopes come from the body.
         status, body, headers = await s.post("/employees", s.token(), body=CALL, headers={"Mcp-Method": "tools/list"})
+        assert status == 400 and body is not None and body["error"]["code"] == -32020, body
+        status, body, headers = await s.post("/employees", s.token(), body=CALL)
         assert status == 403 and body is not None and body["error"] == "insufficient_scope"
         assert challenge_params(headers["WWW-Authenticate"])["scope"] == "mcp:read mcp:write"
         assert (await s.post("/employees", s.token(scopes=["mcp:read", "mcp:write"]), body=CALL))[0] == 200

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class CountingExchanger:
     delay: float = 0.05
     method: str = "okta-cross-app"
     minted: list[str] = field(default_factory=list)
+    # Names this exchanger's entries in the shared Redis: unique per test run and test (an `id()` is reused once
+    # its object is gone, and a later test would then meet an earlier one's entry, sealed under another key).
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def request_for(self, caller: Subject | None, headers: Mapping[str, str]) -> CredentialRequest:
         raise NotImplementedError  # the tests call `get` with their own requests
@@ -67,7 +71,7 @@ async def replicas(
             errors: list[str] = []
             link = RedisLink(url, on_error=errors.append, retry_after=0.2)
             shared = SharedCredentials(link, cache_keys(keys or [KEY]))
-            cache = CachingProvider(exchanger, shared=shared, namespace=f"test-{id(exchanger)}")
+            cache = CachingProvider(exchanger, shared=shared, namespace=f"test-{exchanger.tag}")
             listener = asyncio.ensure_future(shared.listen())
             made.append(Replica(cache, link, errors, listener))
         await asyncio.sleep(0.1)  # subscribed
@@ -102,7 +106,7 @@ async def test_the_value_in_redis_is_sealed_and_bound_to_its_name() -> None:
     exchanger = CountingExchanger("secret-token")
     async with replicas(url, 2, exchanger) as (first, second):
         await first.cache.get(request())
-        name = entry_name(f"test-{id(exchanger)}", ("backend", "agent", "https://issuer.test", "alice"))
+        name = entry_name(f"test-{exchanger.tag}", ("backend", "agent", "https://issuer.test", "alice"))
         client = aioredis.Redis.from_url(url)
         try:
             value = await client.get(name)
@@ -111,7 +115,7 @@ async def test_the_value_in_redis_is_sealed_and_bound_to_its_name() -> None:
             assert b"Authorization" not in value
             assert 3500 < await client.ttl(name) <= 3600 - 60  # the entry's own lifetime, minus the skew
             # The same sealed bytes under another user's name do not open: that user gets an exchange of its own.
-            other = entry_name(f"test-{id(exchanger)}", ("backend", "agent", "https://issuer.test", "mallory"))
+            other = entry_name(f"test-{exchanger.tag}", ("backend", "agent", "https://issuer.test", "mallory"))
             await client.set(other, value, px=60_000)
             stolen = await second.cache.get(request("mallory"))
         finally:
@@ -123,7 +127,7 @@ async def test_the_value_in_redis_is_sealed_and_bound_to_its_name() -> None:
 async def test_a_hostile_value_is_ignored_never_served() -> None:
     url = shared_redis_url()
     exchanger = CountingExchanger("real")
-    name = entry_name(f"test-{id(exchanger)}", ("backend", "agent", "https://issuer.test", "alice"))
+    name = entry_name(f"test-{exchanger.tag}", ("backend", "agent", "https://issuer.test", "alice"))
     forged = json.dumps({"h": {"Authorization": "Bearer forged"}, "e": None, "u": time.time() + 999, "j": None})
     client = aioredis.Redis.from_url(url)
     try:
@@ -177,7 +181,7 @@ async def test_a_waiter_goes_on_alone_when_the_lock_holder_leaves_no_value() -> 
     """A replica that took the lock and died: the lock expires, and the waiter exchanges itself, bounded."""
     url = shared_redis_url()
     exchanger = CountingExchanger("t")
-    name = entry_name(f"test-{id(exchanger)}", ("backend", "agent", "https://issuer.test", "alice"))
+    name = entry_name(f"test-{exchanger.tag}", ("backend", "agent", "https://issuer.test", "alice"))
     client = aioredis.Redis.from_url(url)
     try:
         await client.set("oap:lock:" + name.removeprefix("oap:cred:"), "dead-replica", px=400)
@@ -279,8 +283,8 @@ async def test_a_401_reaches_the_other_config_generation_of_the_same_process_at_
     errors: list[str] = []
     link = RedisLink(shared_redis_url(), on_error=errors.append)
     shared = SharedCredentials(link, cache_keys([KEY]))
-    old = CachingProvider(exchanger, shared=shared, namespace=f"gen-{id(exchanger)}")
-    new = CachingProvider(exchanger, shared=shared, namespace=f"gen-{id(exchanger)}")
+    old = CachingProvider(exchanger, shared=shared, namespace=f"gen-{exchanger.tag}")
+    new = CachingProvider(exchanger, shared=shared, namespace=f"gen-{exchanger.tag}")
     try:
         assert bearer(await old.get(request())) == "t-1"
         assert bearer(await new.get(request())) == "t-1"  # from Redis
@@ -338,7 +342,7 @@ async def test_forgetting_works_after_evictions() -> None:
     finds a live entry after evictions (and its next request exchanges anew)."""
     exchanger = CountingExchanger("t", delay=0)
     link = RedisLink(shared_redis_url())
-    namespace = f"evict-{id(exchanger)}"
+    namespace = f"evict-{exchanger.tag}"
     cache = CachingProvider(
         exchanger, shared=SharedCredentials(link, cache_keys([KEY])), namespace=namespace, max_entries=3
     )
