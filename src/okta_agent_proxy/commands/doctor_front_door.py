@@ -11,7 +11,7 @@ import asyncio
 import html
 import re
 import secrets
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -130,7 +130,7 @@ async def check_app_redirect(session: aiohttp.ClientSession, app: OktaApp, timeo
         error, description = (parse_qs(target.query).get(name, [""])[0] for name in ("error", "error_description"))
         if error and _NAMES_REDIRECT_URI.search(description):
             return fail(check, f"Okta refused the redirect URI {app.redirect_uri} ({error})", fix)
-        back = target._replace(query="", fragment="").geturl() == app.redirect_uri
+        back = urlunsplit((target.scheme, target.netloc, target.path, "", "")) == app.redirect_uri
         if error and back:
             return Result(check, "warn", f"Okta takes {app.redirect_uri} but refused the sign-in request: {error}")
         if error:

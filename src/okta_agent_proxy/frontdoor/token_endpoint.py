@@ -13,7 +13,6 @@ Access tokens are JWTs (`tokens.py`); refresh tokens are 256-bit random strings 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -26,6 +25,7 @@ from okta_agent_proxy.errors import CredentialUnavailable, IdpUnavailable, Inval
 from okta_agent_proxy.frontdoor.cimd import is_client_id_url
 from okta_agent_proxy.frontdoor.context import FrontDoorContext
 from okta_agent_proxy.frontdoor.forms import OAuthError, form, json_answer, oauth_error_answer, required
+from okta_agent_proxy.frontdoor.okta_login import pkce_challenge
 from okta_agent_proxy.frontdoor.resources import InvalidTarget, normalize_resource
 from okta_agent_proxy.frontdoor.tokens import InvalidFrontDoorToken
 from okta_agent_proxy.http.interface import Answer, HttpRequest
@@ -34,15 +34,11 @@ from okta_agent_proxy.store.frontdoor import EventKind, Grant, Outcome, RevokeRe
 _VERIFIER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-def s256(verifier: str) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=").decode()
-
-
 def verifier_matches(verifier: str, challenge: str) -> bool:
     """RFC 7636 §4.1 and §4.6: 43–128 unreserved characters whose S256 is the challenge."""
     if not 43 <= len(verifier) <= 128 or not set(verifier) <= _VERIFIER_CHARS:
         return False
-    return hmac.compare_digest(s256(verifier), challenge)
+    return hmac.compare_digest(pkce_challenge(verifier), challenge)
 
 
 async def token(context: FrontDoorContext, request: HttpRequest) -> Answer:
