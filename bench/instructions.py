@@ -1,7 +1,8 @@
 """Instructions per request, counted by valgrind's callgrind: the one figure the machine's load cannot move.
 
     .venv/bin/python bench/instructions.py [--baseline REV] [--seconds 20] [--redis-url redis://127.0.0.1:6379/0]
-        [--parts plain,jwt,sessions,cross-app,cross-app-redis,front-door,front-door-okta]
+        [--parts plain,jwt,sessions,cross-app,cross-app-redis,front-door,front-door-okta,rate-limit,rate-limit-redis,
+         traced]
 
 Each gateway (this checkout's, and with `--baseline` that revision's, built as `proxy_overhead.py` builds it) runs
 under callgrind with counting off; after a warm-up, counting is switched on for one wrk run (8 connections) against
@@ -15,8 +16,13 @@ the probe's exchange every request is a credential cache hit. `front-door` is th
 (DESIGN.md §8) and every request carrying the gateway's own access token instead of Okta's: a login made by
 `front_door_setup.py` (a live grant in the gateway's store, the token minted with the key the gateway is given as
 `FRONT_DOOR_SIGNING_KEY`), the agent by `front_door.default_agent`. `front-door-okta` is the same gateway sent the
-jwt part's Okta token: what turning the front door on costs callers with Okta tokens. With `jwt` among the parts,
-each front-door part's count is also printed over jwt's.
+jwt part's Okta token: what turning the front door on costs callers with Okta tokens. `rate-limit` is the jwt gateway
+with every request budget of DESIGN.md §9 set (`per_user`, `per_agent`, `per_user_backend`: three buckets taken per
+request), so generous that nothing is refused, in process; `rate-limit-redis` the same with `REDIS_URL` (the buckets
+in Redis, one Lua script per request). `traced` is the jwt gateway with tracing on (DESIGN.md §9), every request
+sampled (`OTEL_TRACES_SAMPLER=always_on`) and its spans exported over OTLP/HTTP to the bench's nginx on loopback: the
+exporter's thread is counted too. With `jwt` among the parts, each front-door, rate-limit and traced part's count is
+also printed over jwt's.
 """
 
 from __future__ import annotations
@@ -39,9 +45,21 @@ from targets import PSK_VALUE, SESSION_SECRET, Target, gateway_config, nginx_con
 from wrk_runner import REQUEST_HEADERS, Wrk, wrk_script
 
 VALGRIND_START_SECONDS = 180.0
-PARTS = ("plain", "jwt", "sessions", "cross-app", "cross-app-redis", "front-door", "front-door-okta")
+PARTS = (
+    "plain",
+    "jwt",
+    "sessions",
+    "cross-app",
+    "cross-app-redis",
+    "front-door",
+    "front-door-okta",
+    "rate-limit",
+    "rate-limit-redis",
+    "traced",
+)
 FRONT_DOOR_PARTS = {"front-door", "front-door-okta"}
-IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis", *FRONT_DOOR_PARTS}
+RATE_LIMIT_PARTS = {"rate-limit", "rate-limit-redis"}
+IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis", "traced", *FRONT_DOOR_PARTS, *RATE_LIMIT_PARTS}
 DEFAULT_REDIS_URL = os.environ.get("OAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # The front door's settings. Its Okta app is never called on the measured path (no login, no Cross App Access), so
 # any client id and secret do; OKTA_DOMAIN is the IdP's org all the same.
@@ -53,6 +71,13 @@ FRONT_DOOR_ENV = {
 }
 FRONT_DOOR_YAML = "front_door:\n  default_agent: bench-agent\n"  # gateway_config's agent
 SETUP_SECONDS = 60.0
+# Every request budget, each far above what valgrind's few hundred requests could spend: the buckets are taken (three
+# per request), never refused.
+RATE_LIMIT_YAML = """rate_limits:
+  per_user: {requests_per_minute: 10000000}
+  per_agent: {requests_per_minute: 10000000}
+  per_user_backend: {requests_per_minute: 10000000, burst: 10000000}
+"""
 
 
 def callgrind_total(out_files: Sequence[Path]) -> int:
@@ -121,6 +146,15 @@ def measure(
             env |= {"OKTA_DOMAIN": idp["org"], "SESSION_SECRET": SESSION_SECRET}
         if part == "cross-app-redis":
             env["REDIS_URL"] = redis_url
+        if part in RATE_LIMIT_PARTS:
+            config.write_text(config.read_text() + RATE_LIMIT_YAML)
+        if part == "traced":  # every request sampled; spans exported to the bench's nginx (its OTLP sink location)
+            env |= {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{backend_port}",
+                "OTEL_TRACES_SAMPLER": "always_on",
+            }
+        if part == "rate-limit-redis":  # serve requires SESSION_SECRET with REDIS_URL
+            env |= {"REDIS_URL": redis_url, "SESSION_SECRET": SESSION_SECRET}
     else:
         config.write_text(gateway_config(backend_port))
     script = workdir / f"{part}.lua"
@@ -182,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--parts", default="plain,jwt", help=f"configurations, of {', '.join(PARTS)} (default: plain,jwt)"
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of counted load per run (default 20)")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL of the cross-app-redis part")
+    parser.add_argument(
+        "--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL of the cross-app-redis and rate-limit-redis parts"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="copy the callgrind dumps here (callgrind_annotate)")
     options = parser.parse_args(argv)
     parts = [p for p in options.parts.split(",") if p]
@@ -222,10 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\nratio current / baseline (instructions per request; < 1 is fewer):")
             for part in parts:
                 print(f"  {part:15} {counts[('current', part)] / counts[('baseline', part)]:.3f}")
-        front_door = [part for part in parts if part in FRONT_DOOR_PARTS]
-        if front_door and "jwt" in parts:
-            print("\nratio to jwt (instructions per request; the front door's target: <= ~1.03, i.e. >= 0.97x req/s):")
-            for part in front_door:
+        over_jwt = [part for part in parts if part in FRONT_DOOR_PARTS | RATE_LIMIT_PARTS | {"traced"}]
+        if over_jwt and "jwt" in parts:
+            print(
+                "\nratio to jwt (instructions per request; the target of the front door and of in-process rate "
+                "limits: <= ~1.03, i.e. >= 0.97x req/s; rate-limit-redis and traced: printed):"
+            )
+            for part in over_jwt:
                 for revision in revisions:
                     ratio = counts[(revision.label, part)] / counts[(revision.label, "jwt")]
                     print(f"  {part:15} {revision.label:9} {ratio:.3f}")

@@ -85,6 +85,7 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location / {{ return 200 '{BACKEND_BODY}'; }}
+    location = /v1/traces {{ default_type application/x-protobuf; return 200 ''; }}  # an OTLP/HTTP sink
     location = {BACKEND_PATHS["psk"]} {{
 {checks}
       return 200 '{BACKEND_BODY}';

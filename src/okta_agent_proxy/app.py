@@ -1,7 +1,8 @@
 """Assemble the gateway: the one place that picks concrete implementations (DESIGN.md §6).
 
 `build_app` wires settings and config into the pipeline and an aiohttp application; `serve` runs it on one port
-(several worker processes share the port through SO_REUSEPORT). Routes: `/healthz`, `/readyz`, `/metrics` (or on a
+(several worker processes share the port through SO_REUSEPORT) until SIGTERM or SIGINT, then drains it
+(`http/drain.py`) and flushes the audit queue last. Routes: `/healthz`, `/readyz`, `/metrics` (or on a
 listener of its own, `METRICS_PORT`), the RFC 9728 documents, and everything else through the pipeline, which
 answers unknown paths itself with the gateway's JSON 404. Every endpoint passes the edge checks first
 (`edge.py`), with the rules of its kind.
@@ -22,10 +23,12 @@ from okta_agent_proxy.errors import GatewayError, NotFound
 from okta_agent_proxy.gateway import Gateway, replica_id
 from okta_agent_proxy.http.aiohttp_binding import Route, application
 from okta_agent_proxy.http.answers import error_answer
+from okta_agent_proxy.http.drain import CLOSING_SECONDS, Drain, DrainReport
 from okta_agent_proxy.http.edge import OPERATIONS, PUBLIC_METADATA, Edge, EdgeRules, request_id
 from okta_agent_proxy.http.interface import Answer, Endpoint, HttpRequest
 from okta_agent_proxy.http.server import ConnectionLimits, GatewayRunner, ServerEvents
 from okta_agent_proxy.inbound.metadata import WELL_KNOWN, protected_resource_metadata
+from okta_agent_proxy.observability import tracing
 from okta_agent_proxy.observability.logging import get_logger, protect_server_logs
 from okta_agent_proxy.observability.metrics import (
     AUDIT_DROPPED,
@@ -41,7 +44,6 @@ from okta_agent_proxy.store.db import Store, migrate, open_store
 from okta_agent_proxy.store.frontdoor import FrontDoorStore
 
 log = get_logger(__name__)
-SHUTDOWN_GRACE_SECONDS = 10.0
 AUDIT_GAUGE_SECONDS = 1.0  # how often each process publishes its audit queue's gauges
 GATEWAY = web.AppKey("gateway", Gateway)
 
@@ -98,9 +100,16 @@ def metrics_endpoint(audit: AuditWriter | None) -> Endpoint:
     return metrics
 
 
-def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditWriter | None = None) -> web.Application:
+def build_app(
+    loaded: LoadedConfig,
+    *,
+    store: Store | None = None,
+    audit: AuditWriter | None = None,
+    drain: Drain | None = None,
+) -> web.Application:
     """The gateway as an aiohttp application; call it with an event loop running (it opens client sessions).
-    `store` and `audit` (opened by the caller, which also closes them) turn on readiness checks and the audit log.
+    `store` and `audit` (opened by the caller, which also closes them) turn on readiness checks and the audit log;
+    `drain`, the process's shutdown, turns `/readyz` to 503 once it begins.
     `app[GATEWAY].reload(...)` swaps in a new config. With `METRICS_PORT` set, `/metrics` is not served here but
     by `build_metrics_app` on its own listener."""
     protect_server_logs()
@@ -119,6 +128,8 @@ def build_app(loaded: LoadedConfig, *, store: Store | None = None, audit: AuditW
         return json_answer({"status": "ok"})
 
     async def readyz(request: HttpRequest) -> Answer:
+        if drain is not None and drain.draining:  # first: load balancers must see it at once (DESIGN.md §9)
+            return json_answer({"status": "draining"}, 503)
         checks = {"config": "loaded"}
         if gateway.validator is not None:
             checks["jwks"] = "fetched" if gateway.validator.jwks_ready else "not fetched"
@@ -219,23 +230,38 @@ async def run_until_stopped(
     migrate_store: bool = True,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; then stop accepting, give in-flight requests a grace period, and flush the
-    audit queue before the process exits."""
+    """Serve until SIGTERM or SIGINT; then drain (`http/drain.py`: `/readyz` 503 at once, stop listening after the
+    drain window, a grace for requests in flight, remaining streams ended cleanly), and flush the audit queue last,
+    before the process exits."""
     database_url = loaded.settings.DATABASE_URL
     if migrate_store:
         await migrate(database_url)  # serialised across replicas inside `migrate`
+    traces = tracing.start(loaded.environ, instance=replica_id())  # None unless OTEL_* turn tracing on (DESIGN.md §9)
     store = await open_store(database_url)
+    audit: AuditWriter | None = None
+    report: DrainReport | None = None
     try:
-        audit: AuditWriter | None = None
         if loaded.settings.AUDIT_ENABLED:
             audit = store.writer(loaded.config.audit)
             await audit.start()
         if loaded.source_hash is not None:
             await save_config(store.engine, loaded.config, file_hash=loaded.source_hash, source=loaded.source)
-        app = build_app(loaded, store=store, audit=audit)
-        await _serve(app, loaded, store, audit, host, port, reuse_port, on_ready)
+        drain = Drain(loaded.settings.SHUTDOWN_DRAIN_SECONDS, loaded.settings.SHUTDOWN_GRACE_SECONDS)
+        app = build_app(loaded, store=store, audit=audit, drain=drain)
+        report = await _serve(app, loaded, store, audit, drain, host, port, reuse_port, on_ready)
     finally:
-        await store.close()
+        await store.close()  # flushes the audit queue: after the server, so that every request's row is in it
+        tracing.stop(traces)  # the spans still waiting are exported (bounded by OTEL_EXPORTER_OTLP_TIMEOUT)
+    if report is not None:
+        log.info(
+            "gateway_stopped",
+            in_flight=report.in_flight,
+            finished=report.in_flight - report.cut,
+            cut=report.cut,
+            seconds=round(report.seconds, 3),
+            audit_written=audit.written if audit is not None else 0,
+            audit_lost=audit.failed + audit.dropped if audit is not None else 0,
+        )
 
 
 async def _serve(
@@ -243,11 +269,14 @@ async def _serve(
     loaded: LoadedConfig,
     store: Store,
     audit: AuditWriter | None,
+    drain: Drain,
     host: str,
     port: int,
     reuse_port: bool,
     on_ready: Callable[[int], None] | None,
-) -> None:
+) -> DrainReport | None:
+    """Serve `app` until `drain` begins (a signal), then carry the drain out; what it did (None: stopped without a
+    signal, by an error or a cancellation)."""
     settings = loaded.settings
     runner = GatewayRunner(
         app,
@@ -256,7 +285,7 @@ async def _serve(
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,
-        shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+        shutdown_timeout=CLOSING_SECONDS,  # for what the drain left running: the grace is the drain's
     )
     await runner.setup()
     tune_gc_for_serving()  # after setup: the first config generation is among what is frozen
@@ -271,6 +300,7 @@ async def _serve(
             events=server_events(),
             handle_signals=False,
             access_log=None,
+            shutdown_timeout=CLOSING_SECONDS,
         )
         await metrics_runner.setup()
         runners.append(metrics_runner)
@@ -280,10 +310,9 @@ async def _serve(
     log.info("gateway_listening", host=host, port=bound_port, backends=sorted(loaded.config.backends))
     if on_ready is not None:
         on_ready(bound_port)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, drain.begin, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, lambda: drain.begin("SIGINT", window=False))  # by hand: no balancer
     tasks: set[asyncio.Future[bool]] = set()
     watcher = None
     if loaded.source is not None:
@@ -298,12 +327,14 @@ async def _serve(
         watcher = asyncio.ensure_future(reloader.watch())
     gauges = asyncio.ensure_future(keep_publishing_audit_gauges(audit)) if audit is not None else None
     try:
-        await stop.wait()
+        await drain.requested()
+        return await drain.run(runner)  # /metrics stays up meanwhile
     finally:
-        log.info("gateway_stopping")
         if watcher is not None:
             watcher.cancel()
         if gauges is not None:
             gauges.cancel()
-        for each in reversed(runners):
+        if not drain.draining:  # no signal: an error or a cancellation, and no drain
+            await runner.cleanup()
+        for each in runners[1:]:
             await each.cleanup()

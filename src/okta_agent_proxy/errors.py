@@ -164,6 +164,14 @@ class BackendTimeout(GatewayError):
     code = "backend_timeout"
 
 
+class GatewayShuttingDown(GatewayError):
+    """503: the gateway shut down (the end of SHUTDOWN_GRACE_SECONDS) before the backend answered (DESIGN.md §9); a
+    client may retry on another replica."""
+
+    status = 503
+    code = "gateway_shutdown"
+
+
 class BadBackendResponse(GatewayError):
     """502: the backend answered something the gateway will not pass on (a redirect off the backend's own URL)."""
 

@@ -1,10 +1,12 @@
 """The running gateway: its long-lived parts, and the config-dependent parts rebuilt on every reload.
 
 Long-lived (one per process): the IdP HTTP session, the token validator with its JWKS and verified-token caches,
-MCP session bindings, the audit writer. Per config *generation*: the routing table, the agents, the credential
-providers (and their caches) and the upstream connection pools. A reload builds a new generation and swaps it in;
-requests already running finish on the generation they started with, whose pools close when its last request
-ends — so a reload drops nothing in flight. A config that does not load is refused and the old one keeps serving.
+MCP session bindings, the audit writer, the open-stream counts and the rate-limit buckets (a reload changes the
+budgets' sizes, never how much of them is spent). Per config *generation*: the routing table, the agents, the
+credential providers (and their caches) and the upstream connection pools. A reload builds a new generation and
+swaps it in; requests already running finish on the generation they started with, whose pools close when its last
+request ends — so a reload drops nothing in flight. A config that does not load is refused and the old one keeps
+serving.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from okta_agent_proxy.inbound.validator import OktaTokenValidator
 from okta_agent_proxy.mcp.forward import Forwarder, UpstreamPool
 from okta_agent_proxy.mcp.sessions import SessionSeal, session_keys
 from okta_agent_proxy.mcp.stream_slots import StreamSlots
+from okta_agent_proxy.observability import tracing
 from okta_agent_proxy.observability.audit_log import AuditObserver, AuditSink
 from okta_agent_proxy.observability.logging import get_logger
-from okta_agent_proxy.observability.metrics import JWKS_REFRESHES, REDIS_ERRORS
+from okta_agent_proxy.observability.metrics import JWKS_REFRESHES, RATE_LIMITED, REDIS_ERRORS
 from okta_agent_proxy.observability.request_log import RequestLogObserver
 from okta_agent_proxy.observability.request_metrics import MetricsObserver
+from okta_agent_proxy.observability.tracing import TracingObserver
 from okta_agent_proxy.outbound import static
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.outbound.cache import CachingProvider
@@ -52,6 +56,7 @@ from okta_agent_proxy.outbound.oauth_client import TokenEndpointClient
 from okta_agent_proxy.outbound.shared_cache import SharedCredentials, cache_keys
 from okta_agent_proxy.pipeline import Pipeline, Upstream
 from okta_agent_proxy.policy.authz import Decisions
+from okta_agent_proxy.policy.rate_limits import RateLimiter, RequestLimits
 from okta_agent_proxy.record import Observer, Observers
 from okta_agent_proxy.routing import BackendRouter, RouteTable
 from okta_agent_proxy.store.frontdoor import FrontDoorStore
@@ -170,11 +175,15 @@ def build_pipeline(
     audit: AuditSink | None = None,
     shared: SharedCredentials | None = None,
     front_door: FrontDoorLogins | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> Pipeline:
     config: GatewayConfig = loaded.config
     client = TokenEndpointClient(idp_session)
     discovery = AuthServerDiscovery(client)
     observers: list[Observer] = [MetricsObserver(), RequestLogObserver()]
+    tracer = tracing.tracer()
+    if tracer is not None:  # after the request line (which logs the trace id), before the audit (which may wait)
+        observers.append(TracingObserver(tracer))
     if audit is not None:
         observers.append(AuditObserver(audit, replica=replica_id(), record_arguments=config.audit.record_arguments))
     return Pipeline(
@@ -195,7 +204,16 @@ def build_pipeline(
         stream_slots=stream_slots,
         stream_limits=config.rate_limits.streams,
         observers=Observers(observers),
+        request_limits=request_limits(config, rate_limiter or RateLimiter()),
     )
+
+
+def request_limits(config: GatewayConfig, limiter: RateLimiter) -> RequestLimits | None:
+    """This generation's request budgets over the process's buckets; None when it sets none (the request path then
+    does no rate-limit work)."""
+    if not config.rate_limits.limits_requests:
+        return None
+    return RequestLimits(config.rate_limits, limiter, lambda backend, agent: RATE_LIMITED.labels(backend, agent).inc())
 
 
 @dataclass
@@ -228,6 +246,8 @@ class Gateway:
         if loaded.settings.REDIS_URL:
             self.redis = RedisLink(loaded.settings.REDIS_URL, on_error=lambda op: REDIS_ERRORS.labels(op).inc())
             self._shared = SharedCredentials(self.redis, cache_keys(keys))
+        # Like the stream counts, the buckets outlive a reload: each generation brings only the budgets' sizes.
+        self.rate_limiter = RateLimiter(self.redis)
         self._background: set[asyncio.Future[None]] = set()
         self.front_door: FrontDoor | None = None
         self._front_door_logins: FrontDoorLogins | None = None
@@ -269,6 +289,7 @@ class Gateway:
             self._audit,
             self._shared,
             self._front_door_logins,
+            self.rate_limiter,
         )
         return Generation(loaded, pool, pipeline, scopes, frozenset().union(*scopes.values()))
 

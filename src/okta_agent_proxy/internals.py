@@ -13,7 +13,8 @@ statement in 4-84 ms once per shape instead of 1-6 ms). aiohttp's server class i
 
 What is left is aiohttp's per-connection bookkeeping, which the connection limits of `http/server.py`
 (`HEADER_READ_TIMEOUT_SECONDS`, `KEEPALIVE_TIMEOUT_SECONDS`, `MAX_CONNECTIONS`) read when data arrives, when they
-sweep and when they must evict. These stay for what they mean, not for speed: counters of our own, kept by public
+sweep and when they must evict, and which the graceful drain (`http/drain.py`) reads once per connection at
+shutdown. These stay for what they mean, not for speed: counters of our own, kept by public
 hooks (a wrapper around the server's request factory, an override of `RequestHandler.finish_response`), would cost
 only 0.2 µs more per request (0.18 %), but would count a pipelined request only once its handling starts, and would
 depend on aiohttp calling `finish_response` for every response, which it does not document.
@@ -21,11 +22,12 @@ depend on aiohttp calling `finish_response` for every response, which it does no
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from aiohttp import web
 
-__all__ = ["handling_request", "keepalive_ends_at", "multi_row_insert", "requests_parsed"]
+__all__ = ["connection_task", "handling_request", "keepalive_ends_at", "multi_row_insert", "requests_parsed"]
 
 _PARAMETER = re.compile(r"\$(\d+)")  # a numbered parameter ($1: asyncpg's style)
 
@@ -53,6 +55,19 @@ def keepalive_ends_at(connection: web.RequestHandler) -> float:
 
     Buys: at `MAX_CONNECTIONS` the guard evicts the connection idle the longest — read only then."""
     return connection._next_keepalive_close_time
+
+
+def connection_task(connection: web.RequestHandler) -> asyncio.Task[None] | None:
+    """The task that serves `connection`'s requests one after the other (None once it has ended). While a request is
+    handled, it awaits the task that runs the handler, so cancelling it with a message cancels the handler with
+    that message (Python ≥ 3.11 carries it on the `CancelledError`).
+
+    Buys: at the end of the shutdown grace, the drain cancels each request still in flight with a message of its
+    own, which the forwarder tells from aiohttp's cancellation of a request whose client left — read once per
+    connection, at shutdown. The public way, a wrapper around the request handler noting each request's task, costs
+    1.0 µs per request (≈ 1 % of the gateway's CPU per request; `current_task`, a try/finally and a coroutine frame,
+    timed with `time.perf_counter` over 200 000 calls on this machine) to be read once."""
+    return connection._task_handler
 
 
 def multi_row_insert(single: str, rows: int) -> str:

@@ -1,13 +1,14 @@
 """The request pipeline, in order, in one place (DESIGN.md §2). `Pipeline.handle` reads top to bottom:
 
-    route → edge → method → authenticate and identify the agent → inspect → authorize → what it may see (tools,
-          resources, prompts) → open the session → stream cap → credential and upstream call (its auth flow)
-          → seal the session id → relay (list answers filtered when the agent has rules on the backend)
+    route → edge → method → authenticate and identify the agent → request budgets → inspect → authorize → what
+          it may see (tools, resources, prompts) → open the session → stream cap → credential and upstream call (its
+          auth flow) → seal the session id → relay (list answers filtered when the agent has rules on the backend)
 
 Each step is a plain function or method in the folder of its layer; `handle` passes what one returns to the next.
 The `RequestRecord` is for observers (audit, metrics, the request line): `handle` writes it and no step reads it.
 Without `OKTA_ISSUER` there is no inbound identity (`identity` is None): nobody is authenticated, nothing is
-authorized per agent, session ids are sealed to their backend alone, and `serve` then listens on loopback only.
+authorized per agent, no request budget applies (they count users and agents, and there are none), session ids are
+sealed to their backend alone, and `serve` then listens on loopback only.
 Every refusal is a `GatewayError`, rendered by `error_answer` — the one renderer — before the response starts. Once a
 response has started, the forwarder ends it (an SSE error event, or an aborted connection for a cut JSON body).
 """
@@ -51,6 +52,7 @@ from okta_agent_proxy.mcp.sessions import NOBODY, Session, SessionOwner, Session
 from okta_agent_proxy.mcp.stream_slots import StreamSlot, StreamSlots
 from okta_agent_proxy.outbound.base import CredentialProvider
 from okta_agent_proxy.policy.authz import Decisions
+from okta_agent_proxy.policy.rate_limits import RequestLimits
 from okta_agent_proxy.policy.tools import LIST_METHODS, Kind, Policies, Visibility, call_kind, unknown_message
 from okta_agent_proxy.record import CLIENT_CLOSED, Observers, Outcome, RequestRecord, upstream_outcome
 from okta_agent_proxy.routing import Route, RouteTable
@@ -92,6 +94,7 @@ class Pipeline:
     transformers: Transformers = no_transform  # the response seam, for answers the tool policy leaves alone
     policies: Policies = field(default_factory=Policies)  # the tool, resource and prompt rules (DESIGN.md §7)
     framing: dict[str, bool] = field(default_factory=dict)  # backend → whether it answered its last request as SSE
+    request_limits: RequestLimits | None = None  # the request budgets (DESIGN.md §9); None: rate_limits sets none
 
     async def handle(self, request: HttpRequest) -> Answer | None:
         """The request's answer (None: streamed through the request)."""
@@ -102,9 +105,15 @@ class Pipeline:
         try:
             route, url = self.routes.find(request.raw_path, request.path)
             record.route = route  # known before the edge refuses, so that a refusal on a backend route is audited
+            if route is not None:  # observed (and done, in `finally`) only on a backend route
+                self.observers.start(record, request.headers)
             self.edge.check(request)
             route = check_route(route, request)
             caller = await self.identify(request, record, route)
+            if self.request_limits is not None and caller is not None:  # before the body: a runaway agent is cheap
+                shared = self.request_limits.take(caller.user, caller.agent_name, route.name)
+                if shared is not None:  # the buckets are in Redis
+                    await shared
             body, message = await self.inspect(request, record)
             self.authorize(caller, route, message)
             session = self.open_session(request, route, caller, message)
@@ -235,6 +244,7 @@ class Pipeline:
         target = url if url is not None else route.target(request.query_string)
         while True:
             record.step("upstream")
+            self.observers.upstream(record, headers)
             sent = time.perf_counter()
             response = await self.forwarder.open(route.name, route.backend, request.method, target, headers, body)
             record.upstream_headers_seconds = time.perf_counter() - sent

@@ -9,7 +9,7 @@ starts and ends, when the response starts, and when the request is done. The cal
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # types only: the record sits above the steps that fill it
     from okta_agent_proxy.outbound.base import Credential
     from okta_agent_proxy.routing import Route
 
+Headers = Mapping[str, str]
+MutableHeaders = MutableMapping[str, str]
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the response was complete"
 
 
@@ -43,6 +45,14 @@ def upstream_outcome(status: int) -> Outcome:
 
 class Observer:
     """A watcher of requests. Override what you need; every hook is called on the event loop and must not block."""
+
+    def on_start(self, record: RequestRecord, headers: Headers) -> None:
+        """The request arrived, with these headers (tracing continues a caller's `traceparent`). Nothing may keep
+        them: they hold the caller's token."""
+
+    def on_upstream(self, record: RequestRecord, headers: MutableHeaders) -> None:
+        """The request is about to go to the backend with `headers`, which the hook may change (tracing names its
+        upstream span in `traceparent`); called for each try, inside the "upstream" step."""
 
     def on_step_start(self, record: RequestRecord, step: str) -> None:
         """`step` begins: "authenticate" (the token and the agent), "credential" (the backend's credential, again
@@ -68,11 +78,21 @@ class Observers:
         def overriding(name: str) -> tuple[Observer, ...]:
             return tuple(o for o in observers if getattr(type(o), name) is not getattr(Observer, name))
 
+        self._start = overriding("on_start")
+        self._upstream = overriding("on_upstream")
         self._step_start = overriding("on_step_start")
         self._step_end = overriding("on_step_end")
         self._response_start = overriding("on_response_start")
         self._done = overriding("on_done")
         self.watch_steps = bool(self._step_start or self._step_end)
+
+    def start(self, record: RequestRecord, headers: Headers) -> None:
+        for observer in self._start:
+            observer.on_start(record, headers)
+
+    def upstream(self, record: RequestRecord, headers: MutableHeaders) -> None:
+        for observer in self._upstream:
+            observer.on_upstream(record, headers)
 
     def step_start(self, record: RequestRecord, step: str) -> None:
         for observer in self._step_start:
@@ -116,6 +136,8 @@ class RequestRecord:
     error: GatewayError | None = field(default=None, repr=False)
     outcome: Outcome | None = None
     seconds: float = 0.0  # from arrival to done, set by `finish`
+    trace_id: str | None = None  # 32 hex digits, written by the tracing observer when tracing is on
+    trace: object = field(default=None, repr=False)  # the tracing observer's own state for this request
     _step: str | None = None
 
     def step(self, name: str | None) -> None:

@@ -56,7 +56,7 @@ from tests.support.stacks import postgres_database
 from tests.unit.helpers import pem, pem_body_chunks, rsa_key
 
 # Recent (retention prunes by the real clock), with microseconds (they must survive the round trip).
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 T0 = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=123456)
 WAIT_SECONDS = 10.0
 

@@ -42,7 +42,7 @@ from okta_agent_proxy.store.migrations import alembic_config
 from okta_agent_proxy.store.models import Model, audit_events
 from tests.support.stacks import postgres_database
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 FRONT_DOOR_TABLES = (
     "oauth_clients",
     "oauth_pending",

@@ -226,13 +226,16 @@ def gateway_process(
     open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
     """`okta-agent-proxy serve` as a subprocess; `settings` are passed as environment variables on top of `env`
-    (default: this process's environment), `LOG_LEVEL` defaults to WARNING and `DATABASE_URL` to a SQLite file in a
-    temporary directory. `open_files` lowers the process's open-file limit (prlimit)."""
+    (default: this process's environment), `LOG_LEVEL` defaults to WARNING, `SHUTDOWN_DRAIN_SECONDS` to 0 and
+    `DATABASE_URL` to a SQLite file in a temporary directory. `open_files` lowers the process's open-file limit
+    (prlimit)."""
     with tempfile.TemporaryDirectory(prefix="oap-gateway-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(_yaml_text(config), encoding="utf-8")
         base_env = dict(os.environ if env is None else env)
         base_env.setdefault("LOG_LEVEL", "WARNING")
+        # No load balancer to tell: a test's SIGTERM stops at once (requests in flight still get the grace).
+        base_env.setdefault("SHUTDOWN_DRAIN_SECONDS", "0")
         base_env["DATABASE_URL"] = f"sqlite:///{Path(tmp) / 'audit.db'}"  # never the working directory's ./data/
         base_env.setdefault("DATA_DIR", tmp)
         base_env.update({name: str(value) for name, value in (settings or {}).items()})

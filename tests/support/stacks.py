@@ -372,6 +372,7 @@ class ValidatingBackend:
     resource: str = ""
     tokens_seen: list[str] = field(default_factory=list)
     request_ids_seen: list[str] = field(default_factory=list)
+    traceparents_seen: list[str | None] = field(default_factory=list)
     accepted: list[dict[str, Any]] = field(default_factory=list)
     reject_next: int = 0
     serve_prm: bool = False  # answer its RFC 9728 metadata (what dynamic `id_jag_mode` discovers); else 404
@@ -380,6 +381,7 @@ class ValidatingBackend:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         self.tokens_seen.append(token)
         self.request_ids_seen.append(request.headers.get("X-Request-ID", ""))
+        self.traceparents_seen.append(request.headers.get("traceparent"))
         try:
             kid = jwt.get_unverified_header(token)["kid"]
             key = next(k for k in self.idp.jwks(self.auth_server)["keys"] if k["kid"] == kid)

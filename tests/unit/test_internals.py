@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from okta_agent_proxy.internals import handling_request, keepalive_ends_at, requests_parsed
+from okta_agent_proxy.internals import connection_task, handling_request, keepalive_ends_at, requests_parsed
 
 KEEPALIVE_SECONDS = 30.0
 WAIT_SECONDS = 5.0
@@ -25,12 +25,14 @@ REQUEST = b"GET /%d HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 @dataclass
 class HeldServer:
-    """A server whose handler answers only when `release` is set; `entered` is set as each request reaches it."""
+    """A server whose handler answers only when `release` is set; `entered` is set as each request reaches it, and
+    `cancelled` holds the `CancelledError` a cancelled handler got."""
 
     server: web.Server
     port: int
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: list[asyncio.CancelledError] = field(default_factory=list)
 
     def connection(self) -> web.RequestHandler:
         (connection,) = self.server.connections
@@ -41,7 +43,11 @@ class HeldServer:
 async def held_server() -> AsyncIterator[HeldServer]:
     async def handler(request: web.BaseRequest) -> web.Response:
         held.entered.set()
-        await held.release.wait()
+        try:
+            await held.release.wait()
+        except asyncio.CancelledError as cancelled:
+            held.cancelled.append(cancelled)
+            raise
         return web.Response(text="ok")
 
     server = web.Server(handler, keepalive_timeout=KEEPALIVE_SECONDS, access_log=None)
@@ -137,3 +143,18 @@ def test_multi_row_insert_is_the_text_sqlalchemy_compiles(dialect: str, rows: in
     assert uncast(ours) == uncast(theirs) and ours.count("VALUES") == 1
     single = _insert_statement(compiled_for, columns)
     assert uncast(multi_row_insert(single, rows)) == uncast(_insert_statement(compiled_for, columns, rows))
+
+
+async def test_connection_task_serves_the_connection_and_cancelling_it_cancels_the_handler_with_the_message() -> None:
+    """The drain (`http/drain.py`) cancels a request in flight through its connection's task, with a message the
+    forwarder must find on the handler's `CancelledError`."""
+    async with held_server() as held, client(held) as (_, writer):
+        task = connection_task(held.connection())
+        assert task is not None and not task.done()
+        writer.write(REQUEST % 1)
+        await held.entered.wait()
+        assert connection_task(held.connection()) is task
+        task.cancel("a message of our own")
+        await until(lambda: bool(held.cancelled), "the handler was cancelled")
+        assert held.cancelled[0].args == ("a message of our own",)
+        await until(task.done, "the connection's task ended with its handler")

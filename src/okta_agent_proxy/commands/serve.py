@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ import click
 from okta_agent_proxy.commands.options import EXIT_CONFIG, config_option, env_file_option, load_or_exit, run_loop
 from okta_agent_proxy.config.loader import LoadedConfig
 from okta_agent_proxy.config.settings import is_loopback_host
+from okta_agent_proxy.http.drain import stop_budget
 from okta_agent_proxy.observability.log_stream import write_all_waiting
 from okta_agent_proxy.observability.logging import configure
+
+JOIN_POLL_SECONDS = 0.5  # how often the parent looks at the time while it waits for its workers
 
 
 def _serve_one(
@@ -51,7 +55,8 @@ def _serve_workers(
     """N processes accept on one port (SO_REUSEPORT); the kernel spreads connections between them. From the config
     `serve` loaded (each worker loads it again for itself): migrations run once, here, before they start; metrics
     are summed across them through `DATA_DIR/metrics`, emptied first (a crashed run's samples must not count again);
-    and the session key is made here, so all of them share it."""
+    and the session key is made here, so all of them share it. SIGTERM and SIGINT are passed on to every worker as
+    SIGTERM, and each drains by itself (`http/drain.py`); one still running after `stop_budget` is killed."""
     from okta_agent_proxy.mcp.sessions import session_keys
     from okta_agent_proxy.store.db import migrate
 
@@ -70,17 +75,29 @@ def _serve_workers(
     for process in processes:
         process.start()
 
+    deadline: float | None = None  # once signalled: when a worker still running is killed
+
     def stop(signum: int, _: Any) -> None:
+        nonlocal deadline
+        if deadline is None:
+            settings = loaded.settings
+            deadline = time.monotonic() + stop_budget(settings.SHUTDOWN_DRAIN_SECONDS, settings.SHUTDOWN_GRACE_SECONDS)
         for process in processes:
             if process.is_alive():
-                process.terminate()
+                process.terminate()  # SIGTERM: each worker drains (Ctrl-C's SIGINT reaches them from the terminal)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     exit_codes = []
     for process in processes:
-        process.join()
-        exit_codes.append(process.exitcode or 0)
+        while process.is_alive() and (deadline is None or time.monotonic() < deadline):
+            process.join(JOIN_POLL_SECONDS)
+        killed = process.is_alive()
+        if killed:
+            click.echo(f"error: {process.name} did not stop within its shutdown budget: killed", err=True)
+            process.kill()
+            process.join()
+        exit_codes.append(1 if killed else process.exitcode or 0)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     raise SystemExit(max(exit_codes))
 

@@ -274,6 +274,10 @@ def cross_check(config: GatewayConfig, *, front_door: bool = False) -> list[Prob
     default_agent = config.front_door.default_agent
     if default_agent is not None and default_agent not in config.agents:
         problems.append(Problem("front_door.default_agent", f"agent {default_agent} is not defined"))
+    for backend_name in config.rate_limits.backends:
+        if backend_name not in config.backends:  # a misspelt name: the budget it meant to set never applies
+            why = f"backend {backend_name} is not defined: this budget never applies"
+            problems.append(Problem(f"rate_limits.backends.{backend_name}", why, "warning"))
     return problems
 
 

@@ -19,6 +19,8 @@ from okta_agent_proxy.config.models import (
     CrossAppAuth,
     FrontDoorConfig,
     PreSharedKeyAuth,
+    RateLimits,
+    RequestRate,
     ServiceAccountAuth,
     StreamLimits,
 )
@@ -32,6 +34,8 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("agents.<name>", Agent),
     ("agents.<name>.<tool|resource|prompt>_access.<backend> (AccessRule)", AccessRule),
     ("audit", AuditConfig),
+    ("rate_limits", RateLimits),
+    ("rate_limits.<per_user|per_agent|per_user_backend|backends.<name>> (RequestRate)", RequestRate),
     ("rate_limits.streams", StreamLimits),
     ("front_door", FrontDoorConfig),
 )

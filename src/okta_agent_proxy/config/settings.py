@@ -175,6 +175,24 @@ class Settings(BaseSettings):
     KEEPALIVE_TIMEOUT_SECONDS: float = Field(
         75.0, gt=0, le=3600, description="An idle connection between requests is closed after this."
     )
+    SHUTDOWN_DRAIN_SECONDS: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description=(
+            "On SIGTERM, /readyz answers 503 at once and new connections are still accepted for this long (for "
+            "load balancers to notice); then the gateway stops listening. SIGINT skips this window."
+        ),
+    )
+    SHUTDOWN_GRACE_SECONDS: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "After the drain window, requests and streams in flight get this long to finish; streams still open "
+            "then end with an SSE `error` event (audit outcome `gateway_shutdown`)."
+        ),
+    )
     MAX_CONNECTIONS: int | None = Field(
         None,
         ge=1,

@@ -266,6 +266,7 @@ async def run_demo(port: int = 8000, workdir: Path | None = None) -> None:
                         "DATABASE_URL": f"sqlite:///{workdir / 'audit.db'}",
                         "DATA_DIR": str(workdir),
                         "FRONT_DOOR": "on",
+                        "SHUTDOWN_DRAIN_SECONDS": 0,  # no load balancer to tell: a stop is at once
                         "OKTA_CLIENT_ID": GATEWAY_APP_ID,
                         "OKTA_CLIENT_SECRET": app_secret,
                     },

@@ -28,6 +28,7 @@ from jwt.exceptions import PyJWKError
 
 from okta_agent_proxy.errors import IdpUnavailable
 from okta_agent_proxy.http.bodies import read_at_most
+from okta_agent_proxy.observability.tracing import client_span, record_status
 
 log = structlog.get_logger(__name__)
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
@@ -40,17 +41,19 @@ class JwksFetchError(Exception):
     """The keys could not be fetched or parsed; the message is safe to log."""
 
 
-async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any]:
+async def fetch_json(
+    session: aiohttp.ClientSession, url: str, timeout: float, span_name: str = "fetch"
+) -> dict[str, Any]:
+    headers = {"Accept": "application/json"}
     try:
-        async with session.get(
-            url,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            allow_redirects=False,
-            headers={"Accept": "application/json"},
-        ) as response:
-            if response.status != 200:
-                raise JwksFetchError(f"GET {url} answered {response.status}")
-            body = await read_at_most(response.content, _MAX_DOCUMENT_BYTES)
+        with client_span(span_name, "GET", url, headers) as span:
+            async with session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False, headers=headers
+            ) as response:
+                record_status(span, response.status)
+                if response.status != 200:
+                    raise JwksFetchError(f"GET {url} answered {response.status}")
+                body = await read_at_most(response.content, _MAX_DOCUMENT_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise JwksFetchError(f"GET {url} failed: {type(exc).__name__}") from None
     if len(body) > _MAX_DOCUMENT_BYTES:
@@ -182,7 +185,7 @@ class JwksCache:
         self.fetch_count += 1
         try:
             uri = self._jwks_uri or await self._discover_jwks_uri()
-            keys = parse_jwks(await fetch_json(self._session, uri, self._fetch_timeout))
+            keys = parse_jwks(await fetch_json(self._session, uri, self._fetch_timeout, "keys"))
             if not keys:
                 raise JwksFetchError("JWKS contains no usable signing key")
         except JwksFetchError:
@@ -201,7 +204,7 @@ class JwksCache:
         for suffix in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
             url = self._issuer.rstrip("/") + suffix
             try:
-                metadata = await fetch_json(self._session, url, self._fetch_timeout)
+                metadata = await fetch_json(self._session, url, self._fetch_timeout, "metadata")
             except JwksFetchError as exc:
                 failures.append(str(exc))
                 continue

@@ -15,6 +15,12 @@ Capacity and time (DESIGN.md §9, "Timeouts and streams"):
   stream open either.
 - A client that goes away cancels the handler, which closes the upstream connection: the backend sees it too.
 
+At the end of a shutdown's grace (DESIGN.md §9, "Graceful drain"; `http/drain.py`) the handler is cancelled with the
+drain's message, which only the forwarder acts on: a stream ends cleanly with an SSE `error` event
+(`gateway_shutdown`) — or, cut in the middle of an event, with the end of the body alone, so that the client
+discards the partial event as SSE requires — a JSON body under way is cut, and a request whose answer has not begun
+gets 503 `gateway_shutdown`. Any other cancellation goes on as before.
+
 Whether the client got the answer (`RelayStats.delivered`) matters when it hangs up at the very end: a client that
 closes as soon as it has what it asked for — the SDK client closes a POST's SSE stream once the JSON-RPC response
 arrives — was answered, and is not recorded as a 499.
@@ -34,11 +40,13 @@ from multidict import CIMultiDict
 from okta_agent_proxy.config.models import Backend
 from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable, BadBackendResponse
 from okta_agent_proxy.http.bodies import read_at_most
+from okta_agent_proxy.http.drain import SHUTDOWN, GatewayShuttingDown, is_shutdown
 from okta_agent_proxy.http.interface import HttpRequest, ResponseStream
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
 
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")  # a blank line: the end of an SSE event (WHATWG HTML §9.2.6)
 
 
 class UpstreamPool:
@@ -92,6 +100,7 @@ class RelayStats:
     bytes_out: int = 0
     failure: str | None = None  # the error code when the stream failed after the response started
     delivered: bool = False  # the client has the whole answer (see the module docstring)
+    tail: bytes = b""  # the last bytes sent (up to 4): whether an SSE event was left unfinished
 
 
 class ResponseTransformer(Protocol):
@@ -172,8 +181,11 @@ class Forwarder:
                 method, target, headers=headers, data=body if method != "GET" else None, allow_redirects=False
             )
         except asyncio.CancelledError as exc:
-            if expired and task.uncancel() == 0:  # our timer, and nobody else cancelled the request
+            shutdown = is_shutdown(exc)  # the drain's, at the end of its grace
+            if (shutdown or expired) and task.uncancel() == 0:  # ours, and nobody else cancelled the request
                 _drop_tracebacks(exc)
+                if shutdown:
+                    raise GatewayShuttingDown("the gateway shut down before the backend answered") from None
                 raise BackendTimeout(f"backend {backend_name} did not answer in time") from None
             raise
         except aiohttp.ClientError as exc:
@@ -209,6 +221,7 @@ class Forwarder:
         if transform is not None:
             headers.popall("Content-Length", None)  # the body's length changes with it
         tail = b""
+        out: ResponseStream | None = None
         try:
             out = await request.start_response(response.status, response.reason, headers)
             on_start()
@@ -235,15 +248,25 @@ class Forwarder:
         except _Refused as refused:
             response.close()
             stats.failure = refused.failure
+            assert out is not None  # raised only while copying
             await out.end()
             return response.status
         except (_Stalled, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
             _drop_tracebacks(exc)
             response.close()
+            assert out is not None  # raised only while copying
             await _end_abnormally(request, out, exc, is_sse, stats)
             return response.status
-        except BaseException:
+        except asyncio.CancelledError as exc:
             response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
+            task = asyncio.current_task()
+            if not is_shutdown(exc) or task is None or task.uncancel() != 0:
+                raise
+            _drop_tracebacks(exc)
+            await _end_for_shutdown(request, out, is_sse, stats)
+            return response.status
+        except BaseException:
+            response.close()
             raise
         response.release()
         await out.end(tail)
@@ -274,6 +297,12 @@ class Forwarder:
             raise BackendTimeout("the backend did not finish its answer in time") from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
             raise BackendUnavailable("the backend's answer ended abnormally") from None
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if is_shutdown(exc) and task is not None and task.uncancel() == 0:
+                _drop_tracebacks(exc)
+                raise GatewayShuttingDown("the gateway shut down before the backend answered") from None
+            raise
         finally:
             response.close()
         headers.popall("Content-Length", None)  # the body's length changes with it
@@ -324,6 +353,8 @@ async def _copy(
                 chunk = received if transform is None else transform.feed(received)
                 stats.bytes_out += len(chunk)
                 if chunk:
+                    # Noted before the write: a cancellation while it waits for the client finds the bytes sent.
+                    stats.tail = chunk[-4:] if len(chunk) >= 4 else (stats.tail + chunk)[-4:]
                     await out.write(chunk)
                 on_client = False
                 refused = getattr(transform, "failure", None)  # a transformer may end the answer (SseListFilter)
@@ -337,6 +368,17 @@ async def _copy(
     except TimeoutError as exc:
         _drop_tracebacks(exc)
         raise _Stalled(on_client) from None
+
+
+async def _end_for_shutdown(request: HttpRequest, out: ResponseStream | None, is_sse: bool, stats: RelayStats) -> None:
+    """End a response the drain cut at the end of the shutdown grace (see the module docstring)."""
+    stats.failure = SHUTDOWN
+    if out is None or not is_sse:
+        request.abort()  # its headers may be half sent, or a JSON body cut short must not look complete
+        return
+    if stats.bytes_out == 0 or stats.tail.endswith(_EVENT_ENDS):
+        await out.write(sse_error_event(SHUTDOWN, "the gateway is shutting down"))
+    await out.end()  # in the middle of an event: the client drops the part it has (WHATWG HTML §9.2.6)
 
 
 async def _end_abnormally(

@@ -73,4 +73,5 @@ def audit_event(record: RequestRecord, replica: str, record_arguments: bool) -> 
         error.detail if error else None,
         message.arguments if record_arguments and message else None,
         record.agent_evidence,
+        record.trace_id,
     )

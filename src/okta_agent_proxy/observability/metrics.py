@@ -55,6 +55,11 @@ REDIS_ERRORS = Counter(
     "did not open (operation=open), by operation.",
     ["operation"],
 )
+RATE_LIMITED = Counter(
+    "oap_rate_limited",
+    "Requests refused with 429 for a request budget (rate_limits per_user, per_agent, per_user_backend, backends).",
+    ["backend", "agent"],
+)
 OPEN_STREAMS = Gauge("oap_open_sse_streams", "SSE responses being relayed right now.", multiprocess_mode="livesum")
 
 

@@ -23,9 +23,11 @@ from pydantic import SecretStr
 
 from okta_agent_proxy.http.bodies import read_at_most
 from okta_agent_proxy.keys import SigningKey
+from okta_agent_proxy.observability.tracing import client_span, record_status
 from okta_agent_proxy.outbound.client_assertion import ASSERTION_TYPE, client_assertion
 
 _MAX_RESPONSE_BYTES = 256 * 1024
+_GRANT_PREFIX = "urn:ietf:params:oauth:grant-type:"  # token-exchange (RFC 8693), jwt-bearer (RFC 7523)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,9 @@ class TokenEndpointClient:
         `refresh_token` that `TokenResponse` does not keep); TokenEndpointError for a refusal
         (UnreadableTokenResponse when the answer is no JSON object), TokenEndpointUnavailable as `_exchange`."""
         fields, headers = self.authenticate(token_endpoint, auth)
-        status, document = await self._exchange("POST", token_endpoint, headers, {**params, **fields})
+        grant = params.get("grant_type", "")
+        span_name = f"token {grant.removeprefix(_GRANT_PREFIX)}" if grant else "token"
+        status, document = await self._exchange("POST", token_endpoint, headers, {**params, **fields}, span_name)
         if document is None:
             raise UnreadableTokenResponse(status)
         if status != 200:
@@ -129,26 +133,30 @@ class TokenEndpointClient:
         return document
 
     async def fetch_metadata(self, url: str) -> dict[str, Any]:
-        status, document = await self._exchange("GET", url, {}, None)
+        status, document = await self._exchange("GET", url, {}, None, "metadata")
         if status != 200 or document is None:
             raise TokenEndpointError(status, "invalid_metadata", f"GET {url} answered {status}")
         return document
 
     async def _exchange(
-        self, method: str, url: str, headers: Mapping[str, str], form: Mapping[str, str] | None
+        self, method: str, url: str, headers: Mapping[str, str], form: Mapping[str, str] | None, span_name: str
     ) -> tuple[int, dict[str, Any] | None]:
-        """(status, JSON object or None); TokenEndpointUnavailable on transport failure, timeout or 5xx."""
+        """(status, JSON object or None); TokenEndpointUnavailable on transport failure, timeout or 5xx. One client
+        span per round trip when tracing is on (`span_name`: "token <grant>" or "metadata")."""
+        sent = {"Accept": "application/json", **headers}
         try:
-            async with self._session.request(
-                method,
-                url,
-                data=form,
-                headers={"Accept": "application/json", **headers},
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                allow_redirects=False,
-            ) as response:
-                body = await read_at_most(response.content, _MAX_RESPONSE_BYTES)
-                status = response.status
+            with client_span(span_name, method, url, sent) as span:
+                async with self._session.request(
+                    method,
+                    url,
+                    data=form,
+                    headers=sent,
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                    allow_redirects=False,
+                ) as response:
+                    body = await read_at_most(response.content, _MAX_RESPONSE_BYTES)
+                    status = response.status
+                record_status(span, status)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenEndpointUnavailable(f"{method} {url} failed: {type(exc).__name__}") from None
         if status >= 500:

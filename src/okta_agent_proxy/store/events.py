@@ -43,3 +43,4 @@ class AuditEvent(NamedTuple):
     detail: str | None = None  # e.g. the IdP's error description — for operators, never shown to the client
     arguments: Any = None  # only with audit.record_arguments
     agent_evidence: str | None = None  # how the agent was identified (`inbound.agents.Evidence`)
+    trace_id: str | None = None  # the request's OpenTelemetry trace, when tracing is on

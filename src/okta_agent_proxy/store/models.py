@@ -161,6 +161,7 @@ class AuditEventRow(Model):
     # how the agent was identified: token (an Okta token's client), client_metadata (a fetched metadata document:
     # verified), client_name or default_agent (a front-door client's declared name, or none), header (X-Agent-ID)
     agent_evidence: Mapped[str | None]
+    trace_id: Mapped[str | None]  # 32 hex digits, when tracing is on (DESIGN.md §9)
 
     __table_args__ = (
         Index(None, "time"),

@@ -130,7 +130,7 @@ class RedisLink:
                 "redis_unavailable",
                 operation=operation,
                 reason=type(exc).__name__,
-                effect="shared credential cache off: each process caches and exchanges on its own",
+                effect="shared state off (credential cache, rate-limit buckets): each process on its own",
             )
 
     def _recovered(self) -> None:
