@@ -110,6 +110,7 @@ class Pipeline:
             self.edge.check(request)
             route = check_route(route, request)
             caller = await self.identify(request, record, route)
+            record.step(None)  # the "authenticate" step is the token and the agent, nothing after them
             if self.request_limits is not None and caller is not None:  # before the body: a runaway agent is cheap
                 shared = self.request_limits.take(caller.user, caller.agent_name, route.name)
                 if shared is not None:  # the buckets are in Redis

@@ -206,6 +206,41 @@ async def test_without_a_callers_traceparent_a_new_trace_starts_and_a_refusal_is
         assert b"not-a-token" not in b"".join(s.receiver.bodies)
 
 
+async def test_what_a_caller_controls_is_bounded_and_an_unsampled_caller_still_gets_its_trace_id_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with traced_stack(tmp_path, monkeypatch) as s:
+        token = s.token()
+        long_name = {**CALL, "params": {"name": "t" * 4000, "arguments": {}}}
+        headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01", "tracestate": "a=1," * 400 + "b=2"}
+        answer = await send(s.http, s.gateway.url("/employees"), token=token, body=long_name, headers=headers)
+        assert answer.status == 200
+        async with s.http.request("PROPFIND", s.gateway.url("/employees")) as odd:
+            assert odd.status == 405
+        unsampled = "5" * 32
+        quiet = await send(
+            s.http,
+            s.gateway.url("/employees"),
+            token=token,
+            body=CALL,
+            headers={"traceparent": f"00-{unsampled}-{CLIENT_PARENT}-00"},
+        )
+        assert quiet.status == 200
+
+        def two(spans: list[ReceivedSpan]) -> bool:
+            return sum(x.kind == "server" for x in spans) >= 2
+
+        servers = [x for x in await s.receiver.wait_for(two) if x.kind == "server"]
+        named = next(x for x in servers if x.trace_id == CLIENT_TRACE)
+        assert named.attributes["gen_ai.tool.name"] == "t" * 256  # not 4 000 characters per span in the queue
+        odd_span = next(x for x in servers if x.trace_id != CLIENT_TRACE)
+        assert odd_span.name == "_OTHER /employees"  # a client cannot pick span names
+        assert odd_span.attributes["http.request.method"] == "_OTHER"
+        assert all(x.trace_id != unsampled for x in s.receiver.spans)  # the caller said: not sampled
+        assert (await s.gateway.row(quiet.request_id))["trace_id"] == unsampled  # its row still names the trace
+        assert (s.backend.traceparents_seen[-1] or "").startswith(f"00-{unsampled}-")  # and the backend continues it
+
+
 # ---------------------------------------------------------------- the serve process
 
 

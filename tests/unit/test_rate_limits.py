@@ -162,6 +162,29 @@ def test_beyond_the_cap_the_oldest_buckets_go() -> None:
     assert buckets.take([bucket("u0", 1, 1)]) is None  # forgotten (the price of bounded memory): full again
 
 
+def test_at_the_cap_a_runaway_callers_empty_bucket_is_kept_and_scans_are_rare() -> None:
+    clock = Clock()
+    buckets = LocalBuckets(clock, max_buckets=100)
+    hot = [bucket("runaway", per_minute=1, burst=3)]
+    for _ in range(3):
+        assert buckets.take(hot) is None
+    assert buckets.take(hot) is not None  # empty: a minute from its next token
+    sweeps = 0
+    sweep = buckets._sweep
+
+    def counting(now: float) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep(now)
+
+    buckets._sweep = counting  # type: ignore[method-assign]  # counts the scans, the real one runs
+    for index in range(1000):  # many callers, each a token short of full for a second
+        assert buckets.take([bucket(f"u{index}", per_minute=60, burst=2)]) is None
+        assert len(buckets) <= 100
+    assert buckets.take(hot) is not None  # not forgotten: the emptiest bucket is the last to go
+    assert sweeps <= 1000 // 10 + 1  # at most one scan per tenth of the cap
+
+
 # ---------------------------------------------------------------- an independent restatement: GCRA, exactly
 
 

@@ -21,6 +21,7 @@ client without either knowing the other: attached when a step starts, detached w
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -42,6 +43,11 @@ if TYPE_CHECKING:  # the SDK is imported only when tracing is on
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = "okta-agent-proxy"
+MAX_ATTRIBUTE_LENGTH = 1024  # unless OTEL_*ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise: the SDK has no default
+_LENGTH_LIMITS = ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+MAX_NAME_LENGTH = 256  # an MCP method or tool name as a span attribute (the body bounds them only by its size)
+MAX_TRACESTATE_LENGTH = 512  # W3C: 32 members of up to 256 characters; vendors propagate 512 and drop the rest
+HTTP_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})  # others: `_OTHER`
 _tracer: Tracer | None = None  # the process's, while tracing is on (`start`); the token client reads it
 
 
@@ -65,7 +71,7 @@ def start(environ: Mapping[str, str], *, instance: str | None = None) -> TracerP
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -78,7 +84,13 @@ def start(environ: Mapping[str, str], *, instance: str | None = None) -> TracerP
     attributes: dict[str, str] = {} if named else {"service.name": SERVICE_NAME}
     if instance is not None:
         attributes["service.instance.id"] = instance
-    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    logging.getLogger("opentelemetry").setLevel(logging.ERROR)  # not a raw stderr line per odd caller header
+    limited = any(name in os.environ for name in _LENGTH_LIMITS)
+    provider = TracerProvider(
+        resource=Resource.create(attributes),
+        shutdown_on_exit=False,
+        span_limits=SpanLimits(max_attribute_length=None if limited else MAX_ATTRIBUTE_LENGTH),
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     _tracer = provider.get_tracer("okta_agent_proxy")
     log.info("tracing_on", sampler=os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
@@ -133,6 +145,11 @@ def record_status(span: Span | None, status: int) -> None:
         span.set_attribute("error.type", str(status))
 
 
+def span_method(method: str) -> str:
+    """The HTTP method as spans name it: one of the known ones, else `_OTHER` (a client cannot pick span names)."""
+    return method if method in HTTP_METHODS else "_OTHER"
+
+
 @dataclass(slots=True)
 class _RequestTrace:
     """One request's spans: the server span, and the step in progress."""
@@ -155,7 +172,10 @@ class _SingleHeaderGetter:
         values = list(getall(key, ())) if getall is not None else ([carrier[key]] if key in carrier else [])
         if not values or (key == "traceparent" and len(values) != 1):
             return None
-        return [",".join(values)]
+        joined = ",".join(values)
+        if key == "tracestate" and (len(joined) > MAX_TRACESTATE_LENGTH or joined.count(",") >= 32):
+            return None  # dropped whole (W3C §3.3.1.1 allows it), the trace continued all the same
+        return [joined]
 
     def keys(self, carrier: Headers) -> list[str]:
         return list(carrier.keys())
@@ -179,16 +199,17 @@ class TracingObserver(Observer):
     def on_start(self, record: RequestRecord, headers: Headers) -> None:
         trace, context = self._trace, self._context
         parent = self._propagator.extract(headers, getter=self._getter)
+        method = span_method(record.http_method)
         span = self._tracer.start_span(
-            record.http_method,
+            method,
             context=parent,
             kind=trace.SpanKind.SERVER,
-            attributes={"http.request.method": record.http_method, "oap.request_id": record.request_id},
+            attributes={"http.request.method": method, "oap.request_id": record.request_id[:MAX_NAME_LENGTH]},
         )
         state = _RequestTrace(span, trace.set_span_in_context(span, parent), None)
         state.token = context.attach(state.context)
-        if span.is_recording():
-            ids = span.get_span_context()
+        ids = span.get_span_context()
+        if ids.is_valid:  # sampled or not: the audit row and log lines name the trace the request belongs to
             record.trace_id = trace.format_trace_id(ids.trace_id)
             state.log_tokens = structlog.contextvars.bind_contextvars(
                 trace_id=record.trace_id, span_id=trace.format_span_id(ids.span_id)
@@ -203,7 +224,10 @@ class TracingObserver(Observer):
         kind = trace.SpanKind.CLIENT if step == "upstream" else trace.SpanKind.INTERNAL
         attributes: dict[str, str | int] = {}
         if step == "upstream" and record.route is not None:
-            attributes = {"http.request.method": record.http_method, **self._server(record.route.backend.url)}
+            attributes = {
+                "http.request.method": span_method(record.http_method),
+                **self._server(record.route.backend.url),
+            }
         elif step == "credential" and record.credential_method is not None:
             attributes = {"oap.credential.method": record.credential_method}
         span = self._tracer.start_span(step, context=state.context, kind=kind, attributes=attributes)
@@ -240,15 +264,15 @@ class TracingObserver(Observer):
         span = state.span
         outcome, route, message = record.outcome, record.route, record.message
         if route is not None:
-            span.update_name(f"{record.http_method} {route.prefix}")
+            span.update_name(f"{span_method(record.http_method)} {route.prefix}")
             span.set_attribute("http.route", route.prefix)
             span.set_attribute("oap.backend", route.name)
         if record.agent_id is not None:
             span.set_attribute("oap.agent", record.agent_id)
         if message is not None and message.method is not None:
-            span.set_attribute("mcp.method.name", message.method)
+            span.set_attribute("mcp.method.name", message.method[:MAX_NAME_LENGTH])
             if message.method == "tools/call" and message.name is not None:
-                span.set_attribute("gen_ai.tool.name", message.name)
+                span.set_attribute("gen_ai.tool.name", message.name[:MAX_NAME_LENGTH])
         if outcome is not None:
             span.set_attribute("http.response.status_code", outcome.status)
             span.set_attribute("oap.outcome", outcome.code)

@@ -32,7 +32,7 @@ a request's instructions with all three budgets set (bench/instructions.py, part
 from __future__ import annotations
 
 import hashlib
-import itertools
+import heapq
 import json
 import math
 import time
@@ -185,16 +185,21 @@ class LocalBuckets:
         return None
 
     def _sweep(self, now: float) -> None:
-        """Drop the buckets that are full again; then, if as many as the cap remain, the oldest tenth."""
+        """Drop the buckets that are full again; then, if more than nine tenths of the cap remain, those nearest to
+        full down to nine tenths — never the emptiest (a runaway caller's), and leaving a tenth of the cap before
+        the next scan."""
         self._next_sweep = now + SWEEP_SECONDS
         state = self._state
-        full_again = [
-            key for key, (left, then, rate) in state.items() if then + (rate.full - left) / rate.per_minute <= now
-        ]
-        for key in full_again:
+
+        def full_at(item: tuple[Key, tuple[float, float, Rate]]) -> float:
+            left, then, rate = item[1]
+            return then + (rate.full - left) / rate.per_minute
+
+        for key in [key for key, entry in state.items() if full_at((key, entry)) <= now]:
             del state[key]
-        if len(state) >= self._max:
-            for key in list(itertools.islice(state, len(state) - self._max * 9 // 10)):
+        keep = self._max * 9 // 10
+        if len(state) > keep:
+            for key, _ in heapq.nsmallest(len(state) - keep, state.items(), key=full_at):
                 del state[key]
 
 
