@@ -32,6 +32,7 @@ from tests.integration.conftest import SampleBackends
 from tests.integration.sse import MCP_ACCEPT, SseEvent, iter_sse
 from tests.support.backends import running_backend
 from tests.support.gateway import gateway_config, gateway_process, psk_backend
+from tests.support.loopback import serving
 from tests.support.processes import LOOPBACK, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -297,13 +298,8 @@ async def half_an_event() -> AsyncIterator[tuple[str, asyncio.Event]]:
 
     app = web.Application()
     app.router.add_post("/mcp", handler)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, LOOPBACK, 0).start()
-    try:
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}/mcp", sent
-    finally:
-        await runner.cleanup()
+    async with serving(app, handler_cancellation=True) as url:
+        yield f"{url}/mcp", sent
 
 
 async def test_at_the_end_of_the_grace_streams_end_cleanly_and_are_audited(tmp_path: Path) -> None:

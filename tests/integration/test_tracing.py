@@ -25,6 +25,7 @@ import pytest
 from okta_agent_proxy.devkit.okta_emulator import User
 from okta_agent_proxy.observability import tracing
 from tests.support.gateway import gateway_process, psk_backend
+from tests.support.loopback import serving
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.support.stacks import CURSOR_CLIENT_ID as CURSOR
 from tests.support.stacks import EMPLOYEES_AS as BACKEND_AS
@@ -268,13 +269,8 @@ async def echo_backend() -> AsyncIterator[tuple[str, list[str | None]]]:
 
     app = aiohttp.web.Application()
     app.router.add_post("/mcp", mcp)
-    runner = aiohttp.web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/mcp", seen
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield f"{url}/mcp", seen
 
 
 @pytest.mark.slow

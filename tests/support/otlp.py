@@ -20,7 +20,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-LOOPBACK = "127.0.0.1"
+from tests.support.loopback import serving
+
 KINDS = {Span.SPAN_KIND_SERVER: "server", Span.SPAN_KIND_CLIENT: "client", Span.SPAN_KIND_INTERNAL: "internal"}
 
 
@@ -96,11 +97,5 @@ async def otlp_receiver() -> AsyncIterator[OtlpReceiver]:
     receiver = OtlpReceiver()
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/v1/traces", receiver.traces)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        receiver.url = f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    async with serving(app) as receiver.url:
         yield receiver
-    finally:
-        await runner.cleanup()

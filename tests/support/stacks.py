@@ -57,6 +57,7 @@ from okta_agent_proxy.store.db import Store, async_database_url, display_url, mi
 from okta_agent_proxy.store.models import audit_events
 
 from .gateway import ConfigInput, bound_socket, load_config
+from .loopback import serving
 from .node_tools import services_required
 from .okta_faults import FaultyOktaEmulator, okta_endpoint
 from .processes import LOOPBACK
@@ -416,14 +417,9 @@ async def validating_backend(idp: OktaEmulator, auth_server: str = BACKEND_AS) -
     app = web.Application()
     app.router.add_post("/mcp", backend.mcp)
     app.router.add_get("/.well-known/oauth-protected-resource/mcp", backend.prm)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        backend.resource = f"http://{LOOPBACK}:{runner.addresses[0][1]}/mcp"
+    async with serving(app) as url:
+        backend.resource = f"{url}/mcp"
         yield backend
-    finally:
-        await runner.cleanup()
 
 
 def xaa_backend(idp: OktaEmulator, url: str, *paths: str, auth_server: str = BACKEND_AS, **auth: Any) -> dict[str, Any]:
