@@ -1,14 +1,17 @@
 """Instructions per request, counted by valgrind's callgrind: the one figure the machine's load cannot move.
 
-    .venv/bin/python bench/instructions.py [--baseline REV] [--seconds 20] [--redis-url redis://127.0.0.1:6379/0]
+    .venv/bin/python bench/instructions.py [--baseline REV] [--repeat 3] [--seconds 20]
+        [--redis-url redis://127.0.0.1:6379/0]
         [--parts plain,jwt,sessions,cross-app,cross-app-redis,front-door,front-door-okta,rate-limit,rate-limit-redis,
-         traced]
+         traced,traced-ratio]
 
 Each gateway (this checkout's, and with `--baseline` that revision's, built as `proxy_overhead.py` builds it) runs
 under callgrind with counting off; after a warm-up, counting is switched on for one wrk run (8 connections) against
 the bench's nginx backend, then off, and the instructions of all the gateway's threads are divided by the requests
 wrk completed. User space only: the kernel's share (sockets, log writes) is not in the count. Valgrind runs the
-gateway ~50x slower, so the run serves a few hundred requests; the count per request is stable to about 0.5 %.
+gateway ~50x slower, so the run serves a few hundred requests; one run's count per request varies by up to ~0.7 %
+from one gateway process to the next (string hashing is seeded per process; collections fall where they fall), so a
+figure to hold against a floor like 0.99 takes `--repeat 3`: the revisions take turns, and the median of each counts.
 `sessions` is jwt with every request continuing one MCP session, as the bench's `sessions` part (`session_load.py`):
 with `--baseline b6b678e`, sealed session ids against the in-process binding table. `cross-app` and
 `cross-app-redis` are the `redis` part's targets (an `okta-cross-app` backend, without and with `REDIS_URL`): after
@@ -21,8 +24,9 @@ with every request budget of DESIGN.md §9 set (`per_user`, `per_agent`, `per_us
 request), so generous that nothing is refused, in process; `rate-limit-redis` the same with `REDIS_URL` (the buckets
 in Redis, one Lua script per request). `traced` is the jwt gateway with tracing on (DESIGN.md §9), every request
 sampled (`OTEL_TRACES_SAMPLER=always_on`) and its spans exported over OTLP/HTTP to the bench's nginx on loopback: the
-exporter's thread is counted too. With `jwt` among the parts, each front-door, rate-limit and traced part's count is
-also printed over jwt's.
+exporter's thread is counted too; `traced-ratio` the same with the sampler the README advises
+(`parentbased_traceidratio`, 0.01: about one request in a hundred sampled). With `jwt` among the parts, each
+front-door, rate-limit and traced part's count is also printed over jwt's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,10 +61,12 @@ PARTS = (
     "rate-limit",
     "rate-limit-redis",
     "traced",
+    "traced-ratio",
 )
 FRONT_DOOR_PARTS = {"front-door", "front-door-okta"}
 RATE_LIMIT_PARTS = {"rate-limit", "rate-limit-redis"}
-IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis", "traced", *FRONT_DOOR_PARTS, *RATE_LIMIT_PARTS}
+TRACED_PARTS = {"traced", "traced-ratio"}
+IDP_PARTS = {"jwt", "sessions", "cross-app", "cross-app-redis", *TRACED_PARTS, *FRONT_DOOR_PARTS, *RATE_LIMIT_PARTS}
 DEFAULT_REDIS_URL = os.environ.get("OAP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # The front door's settings. Its Okta app is never called on the measured path (no login, no Cross App Access), so
 # any client id and secret do; OKTA_DOMAIN is the IdP's org all the same.
@@ -117,6 +124,7 @@ def measure(
 ) -> tuple[int, int]:
     """(instructions, requests) of one run of `revision`'s gateway in configuration `part`."""
     out_dir = workdir / f"callgrind-{revision.label}-{part}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier round's (copied out first with --keep)
     out_dir.mkdir()
     port = free_port()
     config = workdir / f"{part}.yaml"
@@ -148,11 +156,11 @@ def measure(
             env["REDIS_URL"] = redis_url
         if part in RATE_LIMIT_PARTS:
             config.write_text(config.read_text() + RATE_LIMIT_YAML)
-        if part == "traced":  # every request sampled; spans exported to the bench's nginx (its OTLP sink location)
-            env |= {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{backend_port}",
-                "OTEL_TRACES_SAMPLER": "always_on",
-            }
+        if part in TRACED_PARTS:  # spans exported to the bench's nginx (its OTLP sink location)
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{backend_port}"
+            env["OTEL_TRACES_SAMPLER"] = "always_on" if part == "traced" else "parentbased_traceidratio"
+            if part == "traced-ratio":  # what the README advises: one request in a hundred sampled
+                env["OTEL_TRACES_SAMPLER_ARG"] = "0.01"
         if part == "rate-limit-redis":  # serve requires SESSION_SECRET with REDIS_URL
             env |= {"REDIS_URL": redis_url, "SESSION_SECRET": SESSION_SECRET}
     else:
@@ -219,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--redis-url", default=DEFAULT_REDIS_URL, help="REDIS_URL of the cross-app-redis and rate-limit-redis parts"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each gateway, the revisions taking turns; the median counts (default 1; 3 for a figure)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="copy the callgrind dumps here (callgrind_annotate)")
     options = parser.parse_args(argv)
     parts = [p for p in options.parts.split(",") if p]
@@ -238,27 +252,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         started.append(backend)
         wait_ready(backend, f"http://127.0.0.1:{backend_port}/")
         idp = start_idp(workdir, started, []) if IDP_PARTS & set(parts) else {}
-        counts: dict[tuple[str, str], float] = {}
+        runs: dict[tuple[str, str], list[float]] = {}
         for part in parts:
-            for revision in revisions:
-                instructions, requests = measure(
-                    revision, part, workdir, backend_port, wrk, options.seconds, idp, options.redis_url
-                )
-                counts[(revision.label, part)] = instructions / requests
-                if options.keep is not None:
-                    shutil.copytree(
-                        workdir / f"callgrind-{revision.label}-{part}", options.keep / f"{revision.label}-{part}"
+            for round_ in range(1, options.repeat + 1):
+                for revision in revisions:
+                    instructions, requests = measure(
+                        revision, part, workdir, backend_port, wrk, options.seconds, idp, options.redis_url
                     )
-                print(
-                    f"{part:15} {revision.label:9} {revision.describe:24} {instructions / requests / 1000:8.1f} k "
-                    f"instructions/request ({requests} requests)",
-                    flush=True,
-                )
+                    runs.setdefault((revision.label, part), []).append(instructions / requests)
+                    if options.keep is not None:
+                        kept = f"{revision.label}-{part}" + (f"-{round_}" if options.repeat > 1 else "")
+                        shutil.copytree(workdir / f"callgrind-{revision.label}-{part}", options.keep / kept)
+                    print(
+                        f"{part:15} {revision.label:9} {revision.describe:24} {instructions / requests / 1000:8.1f} k "
+                        f"instructions/request ({requests} requests)",
+                        flush=True,
+                    )
+        counts = {key: statistics.median(values) for key, values in runs.items()}
+        if options.repeat > 1:
+            print(f"\nmedian of {options.repeat} runs (k instructions/request):")
+            for (label, part), value in counts.items():
+                print(f"  {part:15} {label:9} {value / 1000:8.1f}")
         if options.baseline:
             print("\nratio current / baseline (instructions per request; < 1 is fewer):")
             for part in parts:
                 print(f"  {part:15} {counts[('current', part)] / counts[('baseline', part)]:.3f}")
-        over_jwt = [part for part in parts if part in FRONT_DOOR_PARTS | RATE_LIMIT_PARTS | {"traced"}]
+        over_jwt = [part for part in parts if part in FRONT_DOOR_PARTS | RATE_LIMIT_PARTS | TRACED_PARTS]
         if over_jwt and "jwt" in parts:
             print(
                 "\nratio to jwt (instructions per request; the target of the front door and of in-process rate "

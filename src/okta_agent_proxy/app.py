@@ -330,8 +330,13 @@ async def _serve(
         await drain.requested()
         return await drain.run(runner)  # /metrics stays up meanwhile
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         if watcher is not None:
             watcher.cancel()
+        for task in tasks:  # a reload still building a generation: nothing may be built after the clean-up
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         if gauges is not None:
             gauges.cancel()
         if not drain.draining:  # no signal: an error or a cancellation, and no drain

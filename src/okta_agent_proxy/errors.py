@@ -165,8 +165,8 @@ class BackendTimeout(GatewayError):
 
 
 class GatewayShuttingDown(GatewayError):
-    """503: the gateway shut down (the end of SHUTDOWN_GRACE_SECONDS) before the backend answered (DESIGN.md §9); a
-    client may retry on another replica."""
+    """503: the gateway shut down (the end of SHUTDOWN_GRACE_SECONDS) before the request was answered (DESIGN.md
+    §9); a client may retry on another replica."""
 
     status = 503
     code = "gateway_shutdown"

@@ -260,6 +260,7 @@ class Gateway:
                 self._idp_session,
                 lambda: self.current.loaded.config,
                 self._backend_of,
+                limiter=self.rate_limiter,
                 redis=self.redis,
             )
             self._front_door_logins = FrontDoorLogins(self.front_door.held, cross_app_auth(loaded.settings))

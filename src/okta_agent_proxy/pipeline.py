@@ -15,6 +15,7 @@ response has started, the forwarder ends it (an SSE error event, or an aborted c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ import aiohttp
 import structlog
 import yarl
 
-from okta_agent_proxy.config.models import StreamLimits
+from okta_agent_proxy.config.limits import StreamLimits
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.errors import (
     AuthorizationDenied,
     BackendRejectedCredential,
     BadBackendResponse,
     GatewayError,
+    GatewayShuttingDown,
     HeaderMismatch,
     HiddenTarget,
     InsufficientScope,
@@ -40,6 +42,7 @@ from okta_agent_proxy.errors import (
     Unauthenticated,
 )
 from okta_agent_proxy.http.answers import error_answer
+from okta_agent_proxy.http.drain import ended_by_shutdown
 from okta_agent_proxy.http.edge import Edge, request_id
 from okta_agent_proxy.http.interface import Answer, HttpRequest
 from okta_agent_proxy.inbound.caller import Caller, Identity
@@ -105,12 +108,11 @@ class Pipeline:
         try:
             route, url = self.routes.find(request.raw_path, request.path)
             record.route = route  # known before the edge refuses, so that a refusal on a backend route is audited
-            if route is not None:  # observed (and done, in `finally`) only on a backend route
+            if route is not None and self.observers.watch_headers:  # observed only on a backend route
                 self.observers.start(record, request.headers)
             self.edge.check(request)
             route = check_route(route, request)
             caller = await self.identify(request, record, route)
-            record.step(None)  # the "authenticate" step is the token and the agent, nothing after them
             if self.request_limits is not None and caller is not None:  # before the body: a runaway agent is cheap
                 shared = self.request_limits.take(caller.user, caller.agent_name, route.name)
                 if shared is not None:  # the buckets are in Redis
@@ -128,6 +130,10 @@ class Pipeline:
             return self.refuse(request, record, error)
         except Exception as exc:
             return self.fail(request, record, exc)
+        except asyncio.CancelledError as exc:  # the forwarder ends what it relays; this is before any answer
+            if record.response_started_at is not None or not ended_by_shutdown(exc):
+                raise
+            return self.refuse(request, record, GatewayShuttingDown("the gateway shut down before this was answered"))
         finally:
             if slot is not None:
                 slot.release()
@@ -151,6 +157,7 @@ class Pipeline:
             raise
         record.agent_id = caller.agent_name
         record.agent_evidence = caller.agent.evidence
+        record.step(None)  # the "authenticate" step is the token and the agent, nothing after them
         return caller
 
     async def inspect(self, request: HttpRequest, record: RequestRecord) -> tuple[bytes | None, McpMessage | None]:
@@ -245,7 +252,8 @@ class Pipeline:
         target = url if url is not None else route.target(request.query_string)
         while True:
             record.step("upstream")
-            self.observers.upstream(record, headers)
+            if self.observers.watch_headers:
+                self.observers.upstream(record, headers)
             sent = time.perf_counter()
             response = await self.forwarder.open(route.name, route.backend, request.method, target, headers, body)
             record.upstream_headers_seconds = time.perf_counter() - sent

@@ -72,7 +72,7 @@ class Observer:
 
 class Observers:
     """The observers of one config generation. Each hook calls only the observers that override it, so a hook no
-    one watches costs one call."""
+    one watches costs one call (the header hooks, not even that: `watch_headers`)."""
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         def overriding(name: str) -> tuple[Observer, ...]:
@@ -85,6 +85,7 @@ class Observers:
         self._response_start = overriding("on_response_start")
         self._done = overriding("on_done")
         self.watch_steps = bool(self._step_start or self._step_end)
+        self.watch_headers = bool(self._start or self._upstream)  # else the pipeline skips those two hooks' calls
 
     def start(self, record: RequestRecord, headers: Headers) -> None:
         for observer in self._start:
@@ -155,8 +156,14 @@ class RequestRecord:
         closes a POST's stream at its response) was answered; one that hung up before was not (499)."""
         self.step(None)
         self.seconds = time.perf_counter() - self.started
-        if self.outcome is None:
-            self.outcome = upstream_outcome(self.upstream_status or 200) if self.delivered else NOT_ANSWERED
+        if self.outcome is None:  # the relay did not return: the client went, or an end the relay chose was cut
+            relay = self.relay
+            if relay is not None and relay.delivered:
+                self.outcome = upstream_outcome(self.upstream_status or 200)
+            elif relay is not None and relay.failure is not None:  # e.g. the drain's error event, never written
+                self.outcome = Outcome(self.upstream_status or CLIENT_CLOSED, relay.failure)
+            else:
+                self.outcome = NOT_ANSWERED
         return self
 
     def response_started(self) -> None:

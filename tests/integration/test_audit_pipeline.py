@@ -649,6 +649,22 @@ async def test_a_parse_error_row_counts_the_bytes_read(tmp_path: Path) -> None:
         assert (row["outcome"], row["bytes_in"]) == ("parse_error", len(raw))
 
 
+async def test_a_megabyte_tool_name_and_id_are_cut_in_the_row(tmp_path: Path) -> None:
+    name, request_id = "t" * 1_000_000, "i" * 5000  # the caller's to choose; the backend answers what it answers
+    async with (
+        running_backend() as backend,
+        database_url("sqlite", tmp_path) as url,
+        audited_gateway({"backends": {"echo": psk_backend(backend.url("/mcp"), "/echo")}}, url) as gateway,
+        aiohttp.ClientSession() as http,
+    ):
+        answer = await send(http, gateway.url("/echo"), body=call(name, request_id))
+        row = await gateway.row(answer.request_id)
+        assert row["mcp_name"] == "t" * 1023 + "…" and row["jsonrpc_id"] == "i" * 1023 + "…"
+        assert row["mcp_method"] == "tools/call"
+        answer = await send(http, gateway.url("/echo"), body=call("x" * 1024, 7))  # at the bound: whole
+        assert (await gateway.row(answer.request_id))["mcp_name"] == "x" * 1024
+
+
 async def test_metrics_count_jwks_fetches(tmp_path: Path) -> None:
     async with database_url("sqlite", tmp_path) as url, stack(url) as s:
         assert (await s.post("/partners", s.token())).status == 200  # the keys were fetched

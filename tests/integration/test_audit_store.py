@@ -485,6 +485,20 @@ async def test_block_policy_waits_for_room(store: Store) -> None:
     assert await count_rows(store.engine) == 6
 
 
+async def test_block_policy_keeps_the_row_of_a_request_cancelled_while_it_waits(store: Store) -> None:
+    """A client that hangs up (or a drain that ends) while its row waits for room: the row is kept all the same."""
+    writer = store.writer(AuditConfig(queue_size=5, when_full="block"), max_delay=0.0)
+    blocked = await fill_until_blocked(writer, 5)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert writer.queue_depth == 6
+    await writer.start()
+    await writer.close()
+    assert (writer.written, writer.dropped) == (6, 0)
+    assert await request_ids(store.engine) == [f"req-{i:05d}" for i in range(6)]
+
+
 async def test_a_reloaded_audit_section_applies_at_once(store: Store) -> None:
     writer = store.writer(AuditConfig(queue_size=5, when_full="block", record_arguments=False), max_delay=0.0)
     blocked = await fill_until_blocked(writer, 5)

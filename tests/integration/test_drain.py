@@ -5,8 +5,9 @@ One SIGTERM, watched from outside as a load balancer, a client and an auditor wo
 close`), then refused; a 10-second SSE stream (the devkit's real MCP SDK server, `slow_report`) in flight at the
 signal completes whole; the process exits once it has, and every request made before or during the drain has its
 audit row (SQLite, read after the process exited). With a short grace, what is still running at its end ends
-cleanly: a stream with an SSE `error` event and the end of its body, a request still waiting for its backend with
-503, each audited `gateway_shutdown`. And the same under `--workers 2`, signalled as Kubernetes does: the parent only.
+cleanly: a stream with an SSE `error` event and the end of its body, a request still waiting for its backend or
+still sending its body with 503, each audited `gateway_shutdown` — a client that stopped reading too. And the same
+under `--workers 2`, signalled as Kubernetes does: the parent only.
 """
 
 from __future__ import annotations
@@ -281,34 +282,85 @@ def test_every_request_made_before_or_during_the_drain_has_its_audit_row(drain_r
 # --- a short grace: what is still running at its end ends cleanly ----------------------------------------------------
 
 
-@asynccontextmanager
-async def half_an_event() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A backend that answers with an SSE stream whose first event stops half-way, and then says nothing: its URL,
-    and an event set once it has sent that half."""
-    sent = asyncio.Event()
+@dataclass
+class OddBackend:
+    """`/half`: an SSE stream whose first event stops half-way, then silence (`half_sent` once that half is out);
+    `/flood`: SSE events of 64 KB as fast as they can go (`flooding` once the first is out)."""
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    url: str
+    half_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    flooding: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@asynccontextmanager
+async def odd_backend() -> AsyncIterator[OddBackend]:
+    state = OddBackend("")
+
+    async def half(request: web.Request) -> web.StreamResponse:
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"jsonrpc": "2.0", "method": "notifications/mess')
-        sent.set()
+        state.half_sent.set()
         await asyncio.sleep(3600)
         return response
 
+    async def flood(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b"data: " + b"x" * 65536 + b"\n\n"
+        for _ in range(2000):  # 128 MB at most: far more than the sockets between here and the client hold
+            await response.write(event)
+            state.flooding.set()
+        return response
+
     app = web.Application()
-    app.router.add_post("/mcp", handler)
+    app.router.add_post("/half", half)
+    app.router.add_post("/flood", flood)
     async with serving(app, handler_cancellation=True) as url:
-        yield f"{url}/mcp", sent
+        state.url = url
+        yield state
+
+
+async def post_half_a_body(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A POST whose body (announced as 200 bytes) stops after 20: the connection, its answer still to come."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    head = f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: application/json\r\n"
+    head += f"Accept: {MCP_ACCEPT}\r\nContent-Length: 200\r\n\r\n"
+    writer.write(head.encode() + b'{"jsonrpc": "2.0", ')
+    await writer.drain()
+    return reader, writer
+
+
+async def post_and_never_read(port: int, path: str) -> asyncio.StreamWriter:
+    """A POST whose client never reads the answer: the connection."""
+    body = json.dumps(PING).encode()
+    _, writer = await asyncio.open_connection(LOOPBACK, port)
+    head = f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nContent-Type: application/json\r\n"
+    head += f"Accept: {MCP_ACCEPT}\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    await writer.drain()
+    return writer
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP/1.1 answer with a Content-Length: its status, headers (lower-case names) and body. Not read to the
+    end of the connection: aiohttp keeps reading a request body it did not take for a while before it closes."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    status_line, *lines = head.strip().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, await reader.readexactly(int(headers["content-length"]))
 
 
 async def test_at_the_end_of_the_grace_streams_end_cleanly_and_are_audited(tmp_path: Path) -> None:
     database = tmp_path / "audit.db"
-    async with running_backend() as backend, half_an_event() as (half_url, half_sent):
+    async with running_backend() as backend, odd_backend() as odd:
         config = gateway_config(
             hang=psk_backend(backend.url("/hang-sse"), "/hang"),  # one event, then silence
             silent=psk_backend(backend.url("/silent"), "/silent", timeout_seconds=60),  # never answers
-            half=psk_backend(half_url, "/half"),
+            half=psk_backend(f"{odd.url}/half", "/half"),
+            flood=psk_backend(f"{odd.url}/flood", "/flood", timeout_seconds=60),
         )
         settings = {"DATABASE_URL": f"sqlite:///{database}", "SHUTDOWN_DRAIN_SECONDS": 0.2, "SHUTDOWN_GRACE_SECONDS": 1}
         with gateway_process(config, settings=settings) as gateway:
@@ -317,10 +369,13 @@ async def test_at_the_end_of_the_grace_streams_end_cleanly_and_are_audited(tmp_p
                 reading = asyncio.create_task(read_stream(http, gateway.url("/hang"), PING, stream))
                 reading_broken = asyncio.create_task(read_stream(http, gateway.url("/half"), PING, broken))
                 waiting = asyncio.create_task(http.post(gateway.url("/silent"), json=PING, headers=HEADERS))
+                body_reader, body_writer = await post_half_a_body(gateway.port, "/silent")
+                deaf = await post_and_never_read(gateway.port, "/flood")
                 async with asyncio.timeout(BOUND):
                     await stream.first_event.wait()
                     await backend.wait_for_requests(2)
-                    await half_sent.wait()
+                    await odd.half_sent.wait()
+                    await odd.flooding.wait()
                 signalled = time.monotonic()
                 gateway.process.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(BOUND):
@@ -329,7 +384,11 @@ async def test_at_the_end_of_the_grace_streams_end_cleanly_and_are_audited(tmp_p
                     answer = await waiting
                     refusal = await answer.json()
                     answer.release()
-                cut_after = time.monotonic() - signalled
+                    cut_after = time.monotonic() - signalled
+                    half_status, half_headers, half_rest = await read_answer(body_reader)
+                half_after = time.monotonic() - signalled
+                for writer in (body_writer, deaf):
+                    writer.close()
             assert await exit_code(gateway) == 0
         for record in backend.requests:
             await record.wait_finished(BOUND)
@@ -344,10 +403,16 @@ async def test_at_the_end_of_the_grace_streams_end_cleanly_and_are_audited(tmp_p
     # The request still waiting for its backend: 503 gateway_shutdown (the backend saw it cancelled).
     assert (answer.status, refusal["error"]) == (503, "gateway_shutdown")
     assert all(record.peer_closed for record in backend.requests)
+    # The request whose body was still arriving: 503 gateway_shutdown too, not a reset.
+    assert half_status == 503 and json.loads(half_rest)["error"] == "gateway_shutdown", (half_status, half_rest)
+    assert half_after < 0.2 + 1 + 2.0, (cut_after, half_after)
     rows = audit_rows(database)
     assert rows[stream.request_id] == (200, "gateway_shutdown")
     assert rows[answer.headers["X-Request-ID"]] == (503, "gateway_shutdown")
     assert rows[broken.request_id] == (200, "gateway_shutdown")
+    assert rows[half_headers["x-request-id"]] == (503, "gateway_shutdown")
+    # The client that never read its flood: the drain's end could not be written to it, and its row says so still.
+    assert sorted(rows.values()).count((200, "gateway_shutdown")) == 3, rows
 
 
 # --- --workers 2, signalled as Kubernetes does: the parent only ------------------------------------------------------

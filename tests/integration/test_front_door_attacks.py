@@ -11,9 +11,11 @@ it, not for its shape.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -1096,6 +1098,59 @@ async def test_authorizations_from_one_address_are_rate_limited(stack: FrontDoor
         limited = await send(http, "GET", url)
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
     assert "text/html" in limited.headers["Content-Type"]
+
+
+# More addresses than the front door's own table held before it was emptied at once (10 000), each taking a bucket.
+FLOOD = 10_500
+
+
+async def test_a_flood_of_addresses_gives_no_limited_address_its_budget_back(
+    sample_backends: SampleBackends, tmp_path: Path
+) -> None:
+    """Without Redis the per-address limits live in the process's bounded buckets, which make room by dropping the
+    buckets nearest to full — a flooding address's, one token down — never by emptying them all: an address whose
+    budget is spent stays limited however many other addresses come (here through a trusted proxy)."""
+    registering, authorizing = "198.51.100.7", "198.51.100.8"
+
+    def forwarded(address: str) -> dict[str, str]:
+        return {"X-Forwarded-For": address}
+
+    async with (
+        running(sample_backends, tmp_path, TRUSTED_PROXIES=LOOPBACK) as stack,
+        aiohttp.ClientSession() as http,
+    ):
+        register_url, authorize_url = stack.url("/oauth/register"), stack.url("/oauth/authorize")
+        body = json.dumps({"redirect_uris": [REDIRECT]}).encode()
+        json_from = {"Content-Type": "application/json", **forwarded(registering)}
+
+        async def registrations(count: int) -> list[int]:
+            return [(await send(http, "POST", register_url, body=body, headers=json_from)).status for _ in range(count)]
+
+        async def authorizations(address: str, count: int = 1) -> list[int]:
+            # no parameters: an HTML 400 once past the limit, nothing stored
+            return [(await send(http, "GET", authorize_url, headers=forwarded(address))).status for _ in range(count)]
+
+        assert await registrations(REGISTRATIONS_PER_MINUTE + 1) == [201] * REGISTRATIONS_PER_MINUTE + [429]
+        spent = {"register": time.monotonic()}
+        authorized = await authorizations(authorizing, AUTHORIZATIONS_PER_MINUTE + 1)
+        assert authorized == [400] * AUTHORIZATIONS_PER_MINUTE + [429]
+        spent["authorize"] = time.monotonic()
+        first = int(ipaddress.IPv4Address("10.0.0.0"))
+        flood: list[int] = []
+        for start in range(0, FLOOD, 250):
+            batch = (authorizations(str(ipaddress.IPv4Address(first + n))) for n in range(start, start + 250))
+            flood += [status for statuses in await asyncio.gather(*batch) for status in statuses]
+        assert flood == [400] * FLOOD  # each a new address, with a budget of its own
+        again = {"register": await registrations(REGISTRATIONS_PER_MINUTE)}
+        took = {"register": time.monotonic() - spent["register"]}
+        again["authorize"] = await authorizations(authorizing, AUTHORIZATIONS_PER_MINUTE)
+        took["authorize"] = time.monotonic() - spent["authorize"]
+    for kind, per_minute in (("register", REGISTRATIONS_PER_MINUTE), ("authorize", AUTHORIZATIONS_PER_MINUTE)):
+        # At most what the bucket regained since it was spent, and the fraction of a token it held then.
+        regained = took[kind] * per_minute / 60
+        assert regained < per_minute - 1, f"{kind}: {took[kind]:.1f} s, too slow to tell a refill from a reset"
+        allowed = len([status for status in again[kind] if status != 429])
+        assert allowed <= regained + 1 and again[kind][-1] == 429, (kind, took[kind], again[kind])
 
 
 async def test_a_remembered_consent_is_not_reused_for_a_loopback_redirect(stack: FrontDoorStack) -> None:

@@ -1,22 +1,30 @@
 """The front door across replicas (DESIGN.md §8, "Grants across replicas"): two gateways with one public URL,
 sharing PostgreSQL and Redis. A login made through one is good on the other (one signing key, made once and kept
 sealed in the store); the other serves a refresh of it; a revocation made on one is refused by the other at once
-(Redis pub/sub), and a refresh-token reuse detected on one ends the grant on both."""
+(Redis pub/sub), and a refresh-token reuse detected on one ends the grant on both. The per-address limits of
+registration and authorization are one budget for both (Redis)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 
+from okta_agent_proxy.frontdoor.registration import REGISTRATIONS_PER_MINUTE
+from okta_agent_proxy.frontdoor.service import AUTHORIZATIONS_PER_MINUTE
+from okta_agent_proxy.policy.rate_limits import redis_key
 from tests.integration.conftest import SampleBackends
-from tests.integration.test_front_door_flow import claims, sign_in
+from tests.integration.test_front_door_flow import REDIRECT, claims, sign_in
 from tests.support.front_door import FrontDoorStack, browser, front_door_stack, front_door_yaml
 from tests.support.gateway import psk_backend
+from tests.support.processes import LOOPBACK
 from tests.support.redis_servers import shared_redis_url
 from tests.support.stacks import ACCEPT, AuditedGateway, audited_gateway, postgres_database
 
@@ -33,6 +41,7 @@ async def replicas(
             "REDIS_URL": redis_url,
             "SESSION_SECRET": "s" * 40,
             "FRONT_DOOR_REFRESH_GRACE_SECONDS": 1,
+            "TRUSTED_PROXIES": LOOPBACK,  # the tests' X-Forwarded-For names the client (without it: the peer)
         }
         async with front_door_stack(database, employees, partners, settings=settings) as first:
             # the same public URL, Okta app and keys; its own port and data folder
@@ -99,3 +108,45 @@ async def test_refresh_token_reuse_on_one_replica_ends_the_grant_on_both(
     assert status == 400 and body["error"] == "invalid_grant", body
     for port in (first.gateway.port, second.port):
         assert await call(port, "/employees", tokens["access_token"]) == 401
+
+
+def fresh_address() -> str:
+    """An address no other test or run uses (they share the Redis server, so they must not share a bucket)."""
+    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | secrets.randbits(64)))
+
+
+async def test_one_address_has_one_budget_across_replicas(
+    replicas: tuple[FrontDoorStack, AuditedGateway],
+) -> None:
+    """Registrations and authorizations from one address, sent to each replica in turn, are allowed as many times in
+    all as one gateway allows them — not that many on each."""
+    first, second = replicas
+    ports = (first.gateway.port, second.port)
+    registering, authorizing = fresh_address(), fresh_address()
+    registered: list[tuple[int, str | None, dict[str, Any]]] = []
+    authorized: list[tuple[int, str | None]] = []
+    async with aiohttp.ClientSession() as http:
+        for index in range(REGISTRATIONS_PER_MINUTE + 4):
+            url = f"http://{LOOPBACK}:{ports[index % 2]}/oauth/register"
+            headers = {"X-Forwarded-For": registering}
+            async with http.post(url, json={"redirect_uris": [REDIRECT]}, headers=headers) as response:
+                registered.append((response.status, response.headers.get("Retry-After"), await response.json()))
+        for index in range(AUTHORIZATIONS_PER_MINUTE + 4):
+            url = f"http://{LOOPBACK}:{ports[index % 2]}/oauth/authorize"  # no parameters: a 400 page when allowed
+            async with http.get(url, headers={"X-Forwarded-For": authorizing}) as response:
+                authorized.append((response.status, response.headers.get("Retry-After")))
+    assert [status for status, _, _ in registered] == [201] * REGISTRATIONS_PER_MINUTE + [429] * 4
+    for _, retry_after, body in registered[REGISTRATIONS_PER_MINUTE:]:
+        assert body["error"] == "slow_down" and "client_id" not in body
+        assert retry_after is not None and 1 <= int(retry_after) <= 60 // REGISTRATIONS_PER_MINUTE
+    assert [status for status, _ in authorized] == [400] * AUTHORIZATIONS_PER_MINUTE + [429] * 4
+    assert all(retry_after is not None and 1 <= int(retry_after) <= 2 for _, retry_after in authorized[-4:])
+    # In Redis under a digest: the buckets are there, and no key names an address.
+    client = redis.asyncio.Redis.from_url(first.gateway.loaded.settings.REDIS_URL or "")
+    try:
+        assert await client.exists(redis_key(("front_door.register", registering))) == 1
+        assert await client.exists(redis_key(("front_door.authorize", authorizing))) == 1
+        for address in (registering, authorizing):
+            assert [key async for key in client.scan_iter(match=f"*{address}*")] == []
+    finally:
+        await client.aclose()

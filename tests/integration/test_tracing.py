@@ -121,9 +121,8 @@ async def test_a_cross_app_call_is_one_span_tree_continuing_the_callers_trace(
     async with traced_stack(tmp_path, monkeypatch) as s:
         token = s.token()
         traceparent = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
-        answer = await send(
-            s.http, s.gateway.url("/employees"), token=token, body=CALL, headers={"traceparent": traceparent}
-        )
+        headers = {"traceparent": traceparent, "tracestate": "congo=t61rcWkgMzE"}
+        answer = await send(s.http, s.gateway.url("/employees"), token=token, body=CALL, headers=headers)
         assert answer.status == 200, answer.body
 
         def whole(spans: list[ReceivedSpan]) -> bool:
@@ -161,6 +160,10 @@ async def test_a_cross_app_call_is_one_span_tree_continuing_the_callers_trace(
         ]
         assert round_trips[0].attributes["url.full"] == f"{s.idp.base_url}/oauth2/v1/token"
         assert all(x.attributes["http.response.status_code"] == 200 for x in round_trips)
+        # Okta got each round trip's own span as parent, and not the caller's tracestate (its vendors' business).
+        assert [(seen.traceparent, seen.tracestate) for seen in s.idp.received] == [
+            (f"00-{CLIENT_TRACE}-{x.span_id}-01", None) for x in round_trips
+        ]
         assert upstream.attributes["http.response.status_code"] == 200
         assert all(server.start_ns <= x.start_ns <= x.end_ns <= server.end_ns for x in steps)
 

@@ -324,6 +324,8 @@ class ReceivedTokenRequest:
     auth_server: str | None  # the custom server id, None for the org server
     form: dict[str, list[str]]
     authorization: str | None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class RecordingOktaEmulator(FaultyOktaEmulator):
@@ -344,7 +346,13 @@ class RecordingOktaEmulator(FaultyOktaEmulator):
                 if isinstance(value, str):
                     form.setdefault(name, []).append(value)
         self.received.append(
-            ReceivedTokenRequest(request.match_info.get("id"), form, request.headers.get("Authorization"))
+            ReceivedTokenRequest(
+                request.match_info.get("id"),
+                form,
+                request.headers.get("Authorization"),
+                request.headers.get("traceparent"),
+                request.headers.get("tracestate"),
+            )
         )
         response = await handler(request)
         if isinstance(response, web.Response) and response.status == 200 and isinstance(response.body, bytes):

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, Problem, load
+from okta_agent_proxy.config.checks import Problem
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.config.settings import Settings
 
 SEED_CONFIG = Path(__file__).resolve().parents[1] / "data" / "seed_config.yaml"

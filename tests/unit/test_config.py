@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from okta_agent_proxy.config.loader import ConfigError, Problem, format_loc, load
+from okta_agent_proxy.config.checks import Problem
+from okta_agent_proxy.config.loader import ConfigError, format_loc, load
 from okta_agent_proxy.config.models import CrossAppBackend, PreSharedKeyBackend, ServiceAccountBackend, config_schema
 from tests.unit.helpers import (
     RFC7517_EC,

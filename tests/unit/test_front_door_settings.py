@@ -15,7 +15,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, Problem, load
+from okta_agent_proxy.config.checks import Problem
+from okta_agent_proxy.config.loader import ConfigError, LoadedConfig, load
 from okta_agent_proxy.config.models import FrontDoorConfig
 from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.frontdoor.redirects import DEFAULT_REDIRECT_GLOBS

@@ -23,8 +23,9 @@ import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from okta_agent_proxy.config.loader import cross_check
-from okta_agent_proxy.config.models import GatewayConfig, RateLimits
+from okta_agent_proxy.config.checks import cross_check
+from okta_agent_proxy.config.limits import RateLimits
+from okta_agent_proxy.config.models import GatewayConfig
 from okta_agent_proxy.errors import RateLimited
 from okta_agent_proxy.policy.rate_limits import (
     KEY_PREFIX,
@@ -472,3 +473,20 @@ def test_check_warns_of_a_budget_for_a_backend_that_does_not_exist(tmp_path: Pat
     result = run_check(tmp_path, document, ["OKTA_ISSUER=https://example.okta.com/oauth2/aus1"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert printed(result.stderr, "warning") == {"rate_limits.backends.ledgr"}
+
+
+def test_check_warns_that_budgets_apply_to_nobody_when_no_caller_is_authenticated(tmp_path: Path) -> None:
+    backend = {"url": "http://localhost:9001/mcp", "paths": ["/ledger"], "auth_method": "pre-shared-key"}
+    document: dict[str, Any] = {
+        "backends": {"ledger": {**backend, "auth_config": {"key": "${PSK}"}}},
+        "rate_limits": {"per_agent": {"requests_per_minute": 6}, "backends": {"ledger": {"requests_per_minute": 6}}},
+    }
+    (tmp_path / "budgets").mkdir()
+    result = run_check(tmp_path / "budgets", document)  # no OKTA_ISSUER, the front door off
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed(result.stderr, "warning") == {"env OKTA_ISSUER", "rate_limits"}
+    assert "warning: rate_limits: budgets set (per_agent, backends) apply to nobody" in result.stderr
+    (tmp_path / "streams").mkdir()  # the stream caps alone are no request budget: no warning
+    result = run_check(tmp_path / "streams", {**document, "rate_limits": {"streams": {"per_backend": 10}}})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed(result.stderr, "warning") == {"env OKTA_ISSUER"}

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from okta_agent_proxy.config.loader import Problem, format_loc
+from okta_agent_proxy.config.checks import Problem
+from okta_agent_proxy.config.loader import format_loc
 from okta_agent_proxy.config.models import AccessRule, Agent, GatewayConfig
 from okta_agent_proxy.config.reference import reference_markdown
 from tests.unit.helpers import load_config, paths, printed, problems_of, run_check, write_yaml

@@ -3,7 +3,8 @@
 Every model is frozen and rejects unknown keys, so a typo is an error that names its YAML path rather than a
 silently ignored setting. A backend is a one-of keyed by `auth_method` (the agentgateway habit), so each method's
 `auth_config` is checked against exactly its own keys. Cross-references (which agent may reach which backend,
-duplicate paths) are checked in `config_loader`, which also resolves `${ENV}` and `{file: …}` secrets.
+duplicate paths) are checked in `config/checks.py`; `config/loader.py` resolves `${ENV}` and `{file: …}` secrets.
+The `rate_limits:` section's models are in `config/limits.py`.
 
 The per-tool policy's settings (DESIGN.md §7: an agent's `tool_access`, `resource_access` and `prompt_access`, a
 backend's `tool_scopes`) are only data here; `policy/` decides with them.
@@ -17,8 +18,6 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     InstanceOf,
     SecretStr,
@@ -28,7 +27,9 @@ from pydantic import (
     model_validator,
 )
 
+from okta_agent_proxy.config.limits import RateLimits
 from okta_agent_proxy.config.settings import is_loopback_host
+from okta_agent_proxy.config.strict import Strict
 from okta_agent_proxy.keys import InvalidKeyError, SigningKey, load_signing_key
 
 AUTH_METHODS = ("okta-cross-app", "pre-shared-key", "service-account")
@@ -46,10 +47,6 @@ NEVER_FORWARDED = frozenset(
         "connection",
     }
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _route_path(value: str) -> str:
@@ -322,60 +319,6 @@ class AuditConfig(Strict):
         "drop", description="A full queue drops the event (counted in a metric) or makes the request wait."
     )
     retention_days: int = Field(90, ge=1, description="Rows older than this are deleted.")
-
-
-class StreamLimits(Strict):
-    """Open SSE streams (GET, and POST answered as SSE) at most, per replica (DESIGN.md §9)."""
-
-    per_user_agent: int = Field(100, ge=1, description="Open streams of one user through one agent.")
-    per_backend: int = Field(800, ge=1, description="Open streams to one backend.")
-
-
-MAX_RATE = 100_000_000
-
-
-class RequestRate(Strict):
-    """A token bucket (DESIGN.md §9): it holds `burst` requests and refills at `requests_per_minute`; each request
-    takes one, and a request that finds none is refused with 429 until the next one is in."""
-
-    # Bounded all the same: more than 100 million a minute is no budget at all, and more likely a typo.
-    requests_per_minute: int = Field(
-        ge=1, le=MAX_RATE, description="Requests a minute, sustained: the bucket's refill rate."
-    )
-    burst: int | None = Field(
-        None,
-        ge=1,
-        le=MAX_RATE,
-        description="Requests at once after a quiet spell: the bucket's size (default requests_per_minute).",
-    )
-
-    @property
-    def capacity(self) -> int:
-        return self.requests_per_minute if self.burst is None else self.burst
-
-
-class RateLimits(Strict):
-    """Request budgets and stream caps (DESIGN.md §9). Every budget is optional: one not set is unlimited. A request
-    takes one token from each budget that applies to it, or none when one is empty (429 `rate_limited`). Budgets are
-    shared by every replica through Redis when `REDIS_URL` is set; otherwise each process has the whole of each."""
-
-    per_user: RequestRate | None = Field(
-        None, description="Budget of one user (the token's uid, else its sub) across every agent and backend."
-    )
-    per_agent: RequestRate | None = Field(None, description="Budget of one agent, all its users together.")
-    per_user_backend: RequestRate | None = Field(
-        None, description="Budget of one user on each backend (one listed under `backends` has its own instead)."
-    )
-    backends: dict[str, RequestRate] = Field(
-        default_factory=dict,
-        description="Backend name → the budget of one user on that backend, in place of per_user_backend.",
-    )
-    streams: StreamLimits = Field(StreamLimits(), description="Caps on open SSE streams; over → 429.")
-
-    @property
-    def limits_requests(self) -> bool:
-        """Whether any request budget is set (else the request path does no rate-limit work at all)."""
-        return bool(self.per_user or self.per_agent or self.per_user_backend or self.backends)
 
 
 class FrontDoorConfig(Strict):

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from okta_agent_proxy.config.limits import RateLimits, RequestRate, StreamLimits
 from okta_agent_proxy.config.models import (
     AccessRule,
     Agent,
@@ -19,10 +20,7 @@ from okta_agent_proxy.config.models import (
     CrossAppAuth,
     FrontDoorConfig,
     PreSharedKeyAuth,
-    RateLimits,
-    RequestRate,
     ServiceAccountAuth,
-    StreamLimits,
 )
 from okta_agent_proxy.config.settings import Settings
 

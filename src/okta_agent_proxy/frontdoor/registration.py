@@ -7,30 +7,29 @@ consent page and matched by `agents.<name>.client_names`, declared, never verifi
 refresh_token, `response_types` `code`. Other metadata is ignored (RFC 7591 §2: "The authorization server MAY
 ignore any client metadata"). The answer is 201 with a new `client_id` and no secret.
 
-Registration is open to anyone who can reach the gateway, so it is limited per client address:
-`REGISTRATIONS_PER_MINUTE` in a token bucket per address (the peer, or the address a `TRUSTED_PROXIES` proxy
-forwarded for), in this process.
+Registration is open to anyone who can reach the gateway, so it is limited per client address (the peer, or the
+address a `TRUSTED_PROXIES` proxy forwarded for): `REGISTRATIONS_PER_MINUTE`, an `AddressLimit` over the gateway's
+`RateLimiter` — one budget across replicas and workers with `REDIS_URL`, else this process's.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from okta_agent_proxy.frontdoor.context import FrontDoorContext
 from okta_agent_proxy.frontdoor.forms import OAuthError, json_answer, oauth_error_answer
 from okta_agent_proxy.frontdoor.redirects import RedirectUriRefused
 from okta_agent_proxy.http.interface import Answer, HttpRequest
+from okta_agent_proxy.policy.rate_limits import Rate, RateLimiter
 from okta_agent_proxy.store.frontdoor import EventKind
 
 MAX_REGISTRATION_BYTES = 16 * 1024
 MAX_REDIRECT_URIS = 10
 MAX_CLIENT_NAME = 200
 REGISTRATIONS_PER_MINUTE = 10
-_MAX_ADDRESSES = 10_000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -53,26 +52,23 @@ def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
-class RegistrationLimit:
-    """A token bucket per client address: `per_minute` a minute, bursts of as many."""
+class AddressLimit:
+    """One of the front door's budgets per client address: a token bucket of `per_minute` a minute, bursts of as
+    many, kept by the gateway's `RateLimiter` beside the request budgets — in Redis with `REDIS_URL` (one budget
+    across replicas and workers; keys hashed, so no address is stored in clear; Redis down: this process's buckets),
+    else in this process's bounded buckets, which drop the buckets nearest to full first and are never cleared
+    wholesale. A bucket's key is `("front_door.<name>", address)`: a request budget's starts with "u", "a" or "b",
+    so the two never share a bucket."""
 
-    def __init__(self, per_minute: int = REGISTRATIONS_PER_MINUTE, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = per_minute / 60.0
-        self._burst = float(per_minute)
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+    def __init__(self, name: str, per_minute: int, limiter: RateLimiter) -> None:
+        self._kind = f"front_door.{name}"
+        self._rate = Rate(self._kind, per_minute, per_minute)
+        self._limiter = limiter
 
-    def take(self, address: str) -> float:
-        """0 when allowed; else the seconds until the next registration is."""
-        now = self._clock()
-        tokens, then = self._buckets.get(address, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - then) * self._rate)
-        if tokens < 1:
-            return (1 - tokens) / self._rate
-        if len(self._buckets) >= _MAX_ADDRESSES:
-            self._buckets.clear()
-        self._buckets[address] = (tokens - 1, now)
-        return 0.0
+    async def take(self, address: str) -> int:
+        """0 when allowed; else the `Retry-After`: the seconds until the next one is, rounded up, at least 1."""
+        refusal = await self._limiter.take((((self._kind, address), self._rate),))
+        return 0 if refusal is None else refusal.retry_after
 
 
 def _metadata(document: Any, context: FrontDoorContext) -> tuple[list[str], str | None]:
@@ -104,12 +100,12 @@ def _metadata(document: Any, context: FrontDoorContext) -> tuple[list[str], str 
     return list(dict.fromkeys(uris)), name or None
 
 
-async def register(context: FrontDoorContext, request: HttpRequest, limit: RegistrationLimit, address: str) -> Answer:
-    wait = limit.take(address)
-    if wait > 0:
+async def register(context: FrontDoorContext, request: HttpRequest, limit: AddressLimit, address: str) -> Answer:
+    retry_after = await limit.take(address)
+    if retry_after:
         error = OAuthError("slow_down", "too many registrations from this address; try again later", 429)
         refusal = oauth_error_answer(error)
-        return Answer(refusal.status, refusal.body, {**refusal.headers, "Retry-After": str(int(wait) + 1)})
+        return Answer(refusal.status, refusal.body, {**refusal.headers, "Retry-After": str(retry_after)})
     try:
         if request.headers.get("Content-Type", "").partition(";")[0].strip().lower() != "application/json":
             raise OAuthError("invalid_client_metadata", "the body must be application/json")

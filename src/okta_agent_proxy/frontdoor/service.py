@@ -42,6 +42,7 @@ from okta_agent_proxy.inbound.validator import Principal
 from okta_agent_proxy.keys import load_signing_key
 from okta_agent_proxy.outbound.cross_app import org_base_url
 from okta_agent_proxy.outbound.oauth_client import ClientAuth
+from okta_agent_proxy.policy.rate_limits import RateLimiter
 from okta_agent_proxy.store.frontdoor import FrontDoorStore, Retention
 from okta_agent_proxy.store.redis import RedisLink
 
@@ -81,6 +82,7 @@ class FrontDoor:
         config: Callable[[], GatewayConfig],
         backend_of: Callable[[str], str | None],
         *,
+        limiter: RateLimiter,
         redis: RedisLink | None = None,
         cimd: ClientMetadataFetcher | None = None,
     ) -> None:
@@ -111,10 +113,11 @@ class FrontDoor:
             cimd=cimd,
         )
         self.liveness = liveness
-        self._limit = registration.RegistrationLimit()
+        # Per client address, in the gateway's buckets (`limiter`: shared by the replicas with REDIS_URL).
+        self._limit = registration.AddressLimit("register", registration.REGISTRATIONS_PER_MINUTE, limiter)
         # A person signs in a few times a minute at most; a script starting authorizations in a loop (each may make
         # the gateway fetch a client metadata document and write a security event) is slowed down here.
-        self._authorize_limit = registration.RegistrationLimit(AUTHORIZATIONS_PER_MINUTE)
+        self._authorize_limit = registration.AddressLimit("authorize", AUTHORIZATIONS_PER_MINUTE, limiter)
         self._verified: dict[str, tuple[Principal, str]] = {}  # token hash → its caller and audience
         self._backends: dict[str, str | None] = {}  # a token's audience → the backend it names
 
@@ -243,10 +246,10 @@ class FrontDoor:
             return registration.client_address(request.remote, forwarded, self.settings.trusted_proxies)
 
         async def authorize_limited(context: FrontDoorContext, request: HttpRequest) -> Answer:
-            wait = self._authorize_limit.take(address_of(request))
-            if wait > 0:
+            retry_after = await self._authorize_limit.take(address_of(request))
+            if retry_after:
                 page = html_error("Too many sign-ins", "Too many sign-ins from this address; try again later.", 429)
-                return Answer(page.status, page.body, {**page.headers, "Retry-After": str(int(wait) + 1)}, None)
+                return Answer(page.status, page.body, {**page.headers, "Retry-After": str(retry_after)}, None)
             return await authorize.authorize(context, request)
 
         async def register(context: FrontDoorContext, request: HttpRequest) -> Answer:

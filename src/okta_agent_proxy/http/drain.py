@@ -11,10 +11,10 @@ From the signal on, in this order:
 4. **At the end of the grace**, each request still in flight is cancelled with `SHUTDOWN_MESSAGE`. The forwarder
    (`mcp/forward.py`) tells that cancellation from aiohttp's own (a client that left): an SSE stream gets an
    `event: error` (`gateway_shutdown`) and the end of its body — a clean end, where a client would see a reset; a
-   JSON body already under way is cut (it cannot end cleanly); a request still waiting for its backend's answer gets
-   503 `gateway_shutdown`. Each is audited, outcome `gateway_shutdown` (one cancelled in another step — its body
-   still arriving, an Okta exchange — is audited as aiohttp's cancellation leaves it: 499 `client_closed`). They get
-   `CLOSING_SECONDS` to send that.
+   JSON body already under way is cut (it cannot end cleanly); a request not answered yet — waiting for its backend,
+   its body still arriving, an Okta exchange under way — gets 503 `gateway_shutdown` (`Pipeline.handle`). Each is
+   audited, outcome `gateway_shutdown`, even when its client does not read that end. They get `CLOSING_SECONDS` to
+   send it.
 5. The server's clean-up (anything still running is cancelled then), and last — the caller's part — the audit
    queue is flushed (`Store.close`).
 
@@ -47,6 +47,7 @@ __all__ = [
     "Drain",
     "DrainReport",
     "GatewayShuttingDown",
+    "ended_by_shutdown",
     "is_shutdown",
     "stop_budget",
 ]
@@ -63,6 +64,13 @@ STOP_MARGIN_SECONDS = 5.0  # start-up of the clean-up, logs, process exit
 def is_shutdown(cancelled: asyncio.CancelledError) -> bool:
     """Whether `cancelled` is the drain's cancellation (aiohttp's, when a client goes away, carries no message)."""
     return cancelled.args == (SHUTDOWN_MESSAGE,)
+
+
+def ended_by_shutdown(cancelled: asyncio.CancelledError) -> bool:
+    """Whether `cancelled` is the drain's and nothing else cancelled the task too; if so the task is uncancelled
+    and the caller ends its request itself (the module docstring, step 4)."""
+    task = asyncio.current_task()
+    return is_shutdown(cancelled) and task is not None and task.uncancel() == 0
 
 
 def stop_budget(drain_seconds: float, grace_seconds: float) -> float:

@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 from okta_agent_proxy.config.models import Backend
 from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable, BadBackendResponse
 from okta_agent_proxy.http.bodies import read_at_most
-from okta_agent_proxy.http.drain import SHUTDOWN, GatewayShuttingDown, is_shutdown
+from okta_agent_proxy.http.drain import SHUTDOWN, GatewayShuttingDown, ended_by_shutdown, is_shutdown
 from okta_agent_proxy.http.interface import HttpRequest, ResponseStream
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
@@ -259,8 +259,7 @@ class Forwarder:
             return response.status
         except asyncio.CancelledError as exc:
             response.close()  # client gone or handler cancelled: the backend's request is cancelled with it
-            task = asyncio.current_task()
-            if not is_shutdown(exc) or task is None or task.uncancel() != 0:
+            if not ended_by_shutdown(exc):
                 raise
             _drop_tracebacks(exc)
             await _end_for_shutdown(request, out, is_sse, stats)
@@ -298,8 +297,7 @@ class Forwarder:
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
             raise BackendUnavailable("the backend's answer ended abnormally") from None
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if is_shutdown(exc) and task is not None and task.uncancel() == 0:
+            if ended_by_shutdown(exc):
                 _drop_tracebacks(exc)
                 raise GatewayShuttingDown("the gateway shut down before the backend answered") from None
             raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from okta_agent_proxy.config.models import StreamLimits
+from okta_agent_proxy.config.limits import StreamLimits
 from okta_agent_proxy.errors import RateLimited
 
 RETRY_AFTER_SECONDS = 5

@@ -16,6 +16,9 @@ from okta_agent_proxy.record import NOT_ANSWERED, Observer, RequestRecord
 from okta_agent_proxy.store.events import AuditEvent
 
 _from_timestamp, _wall_clock = datetime.fromtimestamp, time.time
+# The MCP method, name (a tool, prompt or resource URI) and JSON-RPC id come from the caller's body, which may be
+# megabytes: a row keeps this many characters of each, the cut marked with "…".
+MAX_MESSAGE_FIELD = 1024
 
 
 class AuditSink(Protocol):
@@ -43,6 +46,10 @@ def audit_event(record: RequestRecord, replica: str, record_arguments: bool) -> 
     principal, message, error, credential = record.principal, record.message, record.error, record.credential
     route, relay = record.route, record.relay
     started = record.response_started_at
+    method = name = jsonrpc_id = None
+    if message is not None:
+        method, name = _cut(message.method), _cut(message.name)
+        jsonrpc_id = _cut(str(message.id)) if message.id is not None else None
     headers_ms = (started - record.started) * 1000 if started is not None else None
     # Positional, in field order (mypy checks each type): a third of the cost of 26 keyword arguments.
     return AuditEvent(
@@ -61,9 +68,9 @@ def audit_event(record: RequestRecord, replica: str, record_arguments: bool) -> 
         principal.jti if principal else None,
         record.agent_id,
         principal.client_id if principal else None,
-        message.method if message else None,
-        message.name if message else None,
-        str(message.id) if message and message.id is not None else None,  # jsonrpc_id
+        method,
+        name,
+        jsonrpc_id,
         record.credential_method,
         credential.cache_hit if credential else None,
         credential.id_jag_jti if credential else None,
@@ -75,3 +82,9 @@ def audit_event(record: RequestRecord, replica: str, record_arguments: bool) -> 
         record.agent_evidence,
         record.trace_id,
     )
+
+
+def _cut(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_MESSAGE_FIELD:
+        return value
+    return value[: MAX_MESSAGE_FIELD - 1] + "…"

@@ -112,7 +112,8 @@ def tracer() -> Tracer | None:
 @contextmanager
 def client_span(name: str, method: str, url: str, headers: MutableMapping[str, str]) -> Iterator[Span | None]:
     """A CLIENT span around one outbound HTTP round trip made by the gateway itself (a token request, a metadata or
-    JWKS fetch), a child of the current step's span; `headers` gain its `traceparent`. None when tracing is off."""
+    JWKS fetch), a child of the current step's span; `headers` gain its `traceparent` (not the caller's
+    `tracestate`). None when tracing is off."""
     current = _tracer
     if current is None:
         yield None
@@ -130,6 +131,7 @@ def client_span(name: str, method: str, url: str, headers: MutableMapping[str, s
         attributes["server.port"] = parts.port
     with current.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes) as span:
         inject(headers)
+        headers.pop("tracestate", None)  # the caller's, for its own vendors: not for Okta or an authorization server
         yield span
 
 

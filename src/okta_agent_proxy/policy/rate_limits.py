@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from okta_agent_proxy.config.models import RateLimits, RequestRate
+from okta_agent_proxy.config.limits import RateLimits, RequestRate
 from okta_agent_proxy.errors import RateLimited
 from okta_agent_proxy.store.redis import RedisLink
 

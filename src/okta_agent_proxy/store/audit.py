@@ -174,6 +174,11 @@ class AuditWriter:
                 if self._drops_when_full() and len(self._queue) >= self._capacity:
                     self.dropped += 1  # a reload switched to `drop` while this call waited
                     return
+        except asyncio.CancelledError:
+            # The request ended while it waited (its client left, or a shutdown's grace ended): `block` still keeps
+            # its row, the queue over its size by one for the moment (by at most the requests in flight).
+            self._enqueue(event)
+            raise
         finally:
             self._blocked -= 1
         self._enqueue(event)
