@@ -1,4 +1,7 @@
 """The `okta-agent-proxy` command as a user runs it: a subprocess, from the repository root, with a clean environment.
+Where a test runs `check` a second time on changed input, that run is the same `cli` in this process (click's
+runner, the same clean environment), as each subprocess costs seconds of imports and other tests run `check` as a
+subprocess.
 
 Assertions are on exit codes and on the YAML paths printed, never on wording. Problems are printed one a line as
 `<severity>: <path>: <message>` on stderr.
@@ -6,6 +9,7 @@ Assertions are on exit codes and on the YAML paths printed, never on wording. Pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +22,11 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from dotenv import dotenv_values
 
 import okta_agent_proxy
+from okta_agent_proxy.cli import cli
 from okta_agent_proxy.config.loader import resolve_references
 from okta_agent_proxy.config.settings import Settings
 from tests.support.processes import free_port
@@ -34,11 +40,18 @@ SECRET = "s3cr3t-Value-that-must-never-print-4c3b2a"
 TIMEOUT = 60
 
 
+UNSET = (
+    *Settings.model_fields,
+    "PARTNERS_API_KEY",
+    "REPORTS_PASSWORD",
+    "EMPLOYEES_AS_CLIENT_SECRET",
+    "CURSOR_PRIVATE_KEY",
+)
+
+
 def _environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without any of the gateway's variables (they would win over --env-file)."""
-    env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
-    for name in ("PARTNERS_API_KEY", "REPORTS_PASSWORD", "EMPLOYEES_AS_CLIENT_SECRET", "CURSOR_PRIVATE_KEY"):
-        env.pop(name, None)
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
     env["PYTHONUNBUFFERED"] = "1"
     return env | dict(extra or {})
 
@@ -59,6 +72,17 @@ def run(
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def run_in_process(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """`run` without the subprocess: the `cli` group the console script calls, in this process (click's runner), in
+    `cwd`, with the variables `_environment` drops unset and `env` set."""
+    runner = CliRunner(env=dict.fromkeys(UNSET) | dict(env or {}))  # None: unset
+    with contextlib.chdir(cwd):
+        result = runner.invoke(cli, list(args), catch_exceptions=False)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def problems(stderr: str) -> set[tuple[str, str]]:
@@ -175,7 +199,7 @@ def test_check_after_the_readme_steps_reads_config_yaml_and_says_so(tmp_path: Pa
     assert files_read(result.stdout) == {"env file": [str(tmp_path / ".env")], "config": [str(config)]}
     # The file the user edits is the one in use: break it, and check says so.
     config.write_text(EXAMPLE_CONFIG.read_text().replace("paths: [/partners]", "paths: [partners]"))
-    result = run(["check"], cwd=tmp_path)
+    result = run_in_process(["check"], cwd=tmp_path)
     assert result.returncode == 2
     assert "backends.partners.paths[0]" in errors(result.stderr)
 
@@ -196,7 +220,7 @@ def test_check_names_each_secret_file_never_its_content_and_says_when_there_is_n
     assert SECRET not in result.stdout + result.stderr
     # The files read are printed when the config has errors too.
     config.write_text(config.read_text().replace("http://a", "a"))
-    result = run(["check", "--config", str(config), "--env-file", str(tmp_path / "absent.env")])
+    result = run_in_process(["check", "--config", str(config), "--env-file", str(tmp_path / "absent.env")])
     assert result.returncode == 2
     assert files_read(result.stdout)["secret file"] == [str(tmp_path / "secrets" / "psk.txt")]
     assert SECRET not in result.stdout + result.stderr
@@ -426,7 +450,7 @@ def test_serve_refuses_replica_settings_without_a_session_secret_and_check_warns
     refused = run(["serve", *args])
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "error: SESSION_SECRET is not set" in refused.stderr
-    checked = run(["check", *args])
+    checked = run_in_process(["check", *args])
     assert ("warning", "env SESSION_SECRET") in problems(checked.stderr)
-    with_secret = run(["check", *args], env={"SESSION_SECRET": "a-session-secret-of-at-least-32-bytes!"})
+    with_secret = run_in_process(["check", *args], env={"SESSION_SECRET": "a-session-secret-of-at-least-32-bytes!"})
     assert ("warning", "env SESSION_SECRET") not in problems(with_secret.stderr)

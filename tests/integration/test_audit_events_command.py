@@ -1,6 +1,9 @@
 """`okta-agent-proxy audit --events`: the front door's security events, as an operator reads them — the command run
-as a subprocess (a clean environment, `--database-url`) against a store the real `FrontDoorStore` wrote, on a
-SQLite file and on the PostgreSQL server (skipped when unreachable unless `OAP_REQUIRE_SERVICES=1`).
+with a clean environment and `--database-url` against a store the real `FrontDoorStore` wrote, on a SQLite file and
+on the PostgreSQL server (skipped when unreachable unless `OAP_REQUIRE_SERVICES=1`). Each database's JSON lines and
+its pre-front-door error (the table's) come from the command run as a subprocess (`python -m okta_agent_proxy`);
+the rest run the same `cli` in this process (click's runner), as each subprocess costs seconds of imports. The
+seven events are written once per database for the tests that only read them.
 
 Covered: JSON lines carry every field of every event, oldest first; the table has one line per event with the
 columns the header names; each filter (`--kind`, `--client`, `--user`, `--since`, `--until`, `--last`, and their
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from click.testing import CliRunner
 
 from okta_agent_proxy.cli import cli
@@ -72,11 +76,28 @@ def run_audit(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
-async def events_cli(written: Written, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = await asyncio.to_thread(run_audit, cwd, "--events", "--database-url", written.url, *args)
+def run_audit_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`audit ARGS` through the `cli` group the console script calls, in this process (click's runner) with the
+    gateway's variables unset, as `_environment` does; the database named by `--database-url`. Call it on a thread
+    (the command runs its own event loop) and one at a time (the runner swaps `sys.stdout` for the process)."""
+    runner = CliRunner(env=dict.fromkeys(Settings.model_fields))  # None: unset
+    result = runner.invoke(cli, ["audit", "--env-file", os.devnull, *args], catch_exceptions=False)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return result
+
+
+async def events_cli(written: Written, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as a subprocess."""
+    return succeeded(await asyncio.to_thread(run_audit, cwd, "--events", "--database-url", written.url, *args))
+
+
+async def events_in_process(written: Written, *args: str) -> subprocess.CompletedProcess[str]:
+    return succeeded(await asyncio.to_thread(run_audit_in_process, "--events", "--database-url", written.url, *args))
 
 
 def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -123,9 +144,10 @@ async def write_front_door_events(url: str) -> Written:
     return Written(url, start, ids)
 
 
-@pytest.fixture(params=DATABASES)
-async def written(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Written]:
-    async with database_url(request.param, tmp_path) as url:
+@pytest_asyncio.fixture(params=DATABASES, scope="module", loop_scope="module")
+async def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Written]:
+    """One store per database for the module: the tests that use it only read (`audit` opens it read-only)."""
+    async with database_url(request.param, tmp_path_factory.mktemp(request.param)) as url:
         await migrate(url)
         yield await write_front_door_events(url)
 
@@ -164,8 +186,8 @@ async def test_json_lines_carry_every_field_oldest_first(written: Written, tmp_p
     assert datetime.fromisoformat(consent["time"]) == written.start + timedelta(minutes=20)
 
 
-async def test_table_has_one_line_per_event_under_its_header(written: Written, tmp_path: Path) -> None:
-    result = await events_cli(written, tmp_path)
+async def test_table_has_one_line_per_event_under_its_header(written: Written) -> None:
+    result = await events_in_process(written)
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["time", "kind", "replica", "client", "user", "grant", "detail"]
     assert len(rows) == 7
@@ -180,11 +202,9 @@ async def test_table_has_one_line_per_event_under_its_header(written: Written, t
     assert json.loads(consent[6]) == {"backend": "employees", "scopes": ["mcp:read"]}
 
 
-async def test_hostile_client_id_and_detail_cannot_reach_the_terminal(written: Written, tmp_path: Path) -> None:
-    table, as_json = await asyncio.gather(
-        events_cli(written, tmp_path, "--kind", "refusal"),
-        events_cli(written, tmp_path, "--kind", "refusal", "--json"),
-    )
+async def test_hostile_client_id_and_detail_cannot_reach_the_terminal(written: Written) -> None:
+    table = await events_in_process(written, "--kind", "refusal")
+    as_json = await events_in_process(written, "--kind", "refusal", "--json")
     for output in (table.stdout, as_json.stdout):
         assert not any(escape in output for escape in ESCAPES), output
     (row,) = table.stdout.splitlines()[1:]
@@ -216,15 +236,11 @@ FILTERS: list[tuple[tuple[str, ...], list[str]]] = [
 
 
 def filtered_in_process(url: str, cases: list[tuple[str, ...]]) -> list[list[int]]:
-    """The ids `audit --events --json` prints for each set of filters: the command run in this process (click's
-    runner, on a thread of its own: the command runs its own event loop), as the subprocesses above are too slow
-    for a matrix."""
-    runner = CliRunner(env=dict.fromkeys(Settings.model_fields))  # None: unset, as `_environment` does
+    """The ids `audit --events --json` prints for each set of filters (the command run in this process)."""
     printed = []
     for args in cases:
-        argv = ["audit", "--env-file", os.devnull, "--events", "--database-url", url, "--json", *args]
-        result = runner.invoke(cli, argv, catch_exceptions=False)
-        assert result.exit_code == 0, (args, result.output)
+        result = run_audit_in_process("--events", "--database-url", url, "--json", *args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
         printed.append([json.loads(line)["id"] for line in result.stdout.splitlines()])
     return printed
 
@@ -259,8 +275,8 @@ async def test_fifty_most_recent_by_default(kind: str, tmp_path: Path) -> None:
             ids = [await writer.record_event(EventKind.LOGIN, detail={"n": n}) for n in range(55)]
         finally:
             await store.close()
-        result = await events_cli(Written(url, datetime.now(UTC), {}), tmp_path, "--json")
-        everything = await events_cli(Written(url, datetime.now(UTC), {}), tmp_path, "--json", "--since", "1d")
+        result = await events_in_process(Written(url, datetime.now(UTC), {}), "--json")
+        everything = await events_in_process(Written(url, datetime.now(UTC), {}), "--json", "--since", "1d")
     assert [line["id"] for line in json_lines(result)] == ids[5:]
     assert [line["detail"]["n"] for line in json_lines(everything)] == list(range(55))
 
@@ -301,10 +317,14 @@ def test_unparsable_until_is_a_usage_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", DATABASES)
 @pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
 async def test_database_from_before_the_front_door_is_one_error_line(kind: str, as_json: bool, tmp_path: Path) -> None:
+    """The table as a subprocess (nothing else on stderr: no traceback, no log line), JSON in this process."""
     async with database_url(kind, tmp_path) as url:
         await migrate(url, "0002")
         args = ("--events", "--database-url", url, *(["--json"] if as_json else []))
-        result = await asyncio.to_thread(run_audit, tmp_path, *args)
+        if as_json:
+            result = await asyncio.to_thread(run_audit_in_process, *args)
+        else:
+            result = await asyncio.to_thread(run_audit, tmp_path, *args)
     assert result.returncode == EXIT_UNAVAILABLE
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
@@ -345,10 +365,8 @@ async def test_request_log_table_escapes_hostile_text_and_takes_until(tmp_path: 
     finally:
         await store.close()
     until = iso(start + timedelta(minutes=20))
-    table, as_json = await asyncio.gather(
-        asyncio.to_thread(run_audit, tmp_path, "--database-url", url, "--until", until),
-        asyncio.to_thread(run_audit, tmp_path, "--database-url", url, "--until", until, "--json"),
-    )
+    table = await asyncio.to_thread(run_audit_in_process, "--database-url", url, "--until", until)
+    as_json = await asyncio.to_thread(run_audit_in_process, "--database-url", url, "--until", until, "--json")
     assert table.returncode == as_json.returncode == 0, (table.stderr, as_json.stderr)
     assert not any(escape in table.stdout for escape in ESCAPES)
     rows = table.stdout.splitlines()[1:]

@@ -242,7 +242,9 @@ async def test_what_a_caller_controls_is_bounded_and_an_unsampled_caller_still_g
         assert odd_span.attributes["http.request.method"] == "_OTHER"
         assert all(x.trace_id != unsampled for x in s.receiver.spans)  # the caller said: not sampled
         assert (await s.gateway.row(quiet.request_id))["trace_id"] == unsampled  # its row still names the trace
-        assert (s.backend.traceparents_seen[-1] or "").startswith(f"00-{unsampled}-")  # and the backend continues it
+        _, trace_id, parent, flags = (s.backend.traceparents_seen[-1] or "---").split("-")
+        assert (trace_id, flags) == (unsampled, "00")  # the backend continues it, unsampled,
+        assert parent not in (CLIENT_PARENT, "0" * 16)  # as a child of the gateway's (unrecorded) server span
 
 
 # ---------------------------------------------------------------- the serve process

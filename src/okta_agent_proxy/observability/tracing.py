@@ -13,7 +13,9 @@ it is a client span), `credential` (each round trip to Okta or an authorization 
 its own, named after its grant) and `upstream` (a CLIENT span: the backend receives a `traceparent` naming it, in
 place of the caller's). Attributes say which backend, agent, MCP method, tool, status and outcome — never a token, a
 credential, a session id or an argument. The trace id is bound to the request's log lines (structlog context
-variables) and written to its audit row.
+variables) and written to its audit row. A request the sampler leaves out gets its (non-recording) server span only:
+its trace id is logged and audited all the same, and the backend's `traceparent` names that span, unsampled — the
+step spans would record nothing, and would cost most of what tracing costs such a request.
 
 The SDK's own context (`opentelemetry.context`) carries the current step's span from the observer to the token
 client without either knowing the other: attached when a step starts, detached when it ends, in the request's task.
@@ -160,6 +162,7 @@ class _RequestTrace:
     context: Context  # the server span's, the parent of each step
     token: Token[Context] | None  # from attaching `context`, detached when the request is done
     log_tokens: Mapping[str, Any] = field(default_factory=dict)
+    recording: bool = True  # False: not sampled — no step spans, and the server span is the backend's parent
     step: Span | None = None
     step_context: Context | None = None
     step_token: Token[Context] | None = None
@@ -208,7 +211,7 @@ class TracingObserver(Observer):
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": method, "oap.request_id": record.request_id[:MAX_NAME_LENGTH]},
         )
-        state = _RequestTrace(span, trace.set_span_in_context(span, parent), None)
+        state = _RequestTrace(span, trace.set_span_in_context(span, parent), None, recording=span.is_recording())
         state.token = context.attach(state.context)
         ids = span.get_span_context()
         if ids.is_valid:  # sampled or not: the audit row and log lines name the trace the request belongs to
@@ -220,7 +223,7 @@ class TracingObserver(Observer):
 
     def on_step_start(self, record: RequestRecord, step: str) -> None:
         state = record.trace
-        if not isinstance(state, _RequestTrace):
+        if not isinstance(state, _RequestTrace) or not state.recording:  # an unsampled step span records nothing
             return
         trace = self._trace
         kind = trace.SpanKind.CLIENT if step == "upstream" else trace.SpanKind.INTERNAL
@@ -239,12 +242,12 @@ class TracingObserver(Observer):
 
     def on_upstream(self, record: RequestRecord, headers: MutableHeaders) -> None:
         state = record.trace
-        if not isinstance(state, _RequestTrace) or state.step_context is None:
+        if not isinstance(state, _RequestTrace):
             return
         for name in ("traceparent", "tracestate"):  # the caller's: the backend's parent is our upstream span
             while name in headers:
                 del headers[name]
-        self._propagator.inject(headers, context=state.step_context)
+        self._propagator.inject(headers, context=state.step_context or state.context)  # (the server span, unsampled)
 
     def on_step_end(self, record: RequestRecord, step: str) -> None:
         state = record.trace
