@@ -15,6 +15,7 @@ import gc
 import json
 import signal
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -326,17 +327,22 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
         watcher = asyncio.ensure_future(reloader.watch())
     gauges = asyncio.ensure_future(keep_publishing_audit_gauges(audit)) if audit is not None else None
+
+    async def stop_reloading() -> None:
+        """No reload from now on, and none still building a generation (its pools would outlive the clean-up)."""
+        loop.remove_signal_handler(signal.SIGHUP)
+        running: set[asyncio.Future[Any]] = {*tasks, *([watcher] if watcher is not None else [])}
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+
     try:
         await drain.requested()
+        await stop_reloading()  # the config the drain began with is the one it ends with
         return await drain.run(runner)  # /metrics stays up meanwhile
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
-        if watcher is not None:
-            watcher.cancel()
-        for task in tasks:  # a reload still building a generation: nothing may be built after the clean-up
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await stop_reloading()
         if gauges is not None:
             gauges.cancel()
         if not drain.draining:  # no signal: an error or a cancellation, and no drain

@@ -153,7 +153,9 @@ class RequestRecord:
 
     def finish(self) -> RequestRecord:
         """Close the last step and settle the outcome: a client that hung up once it had the whole answer (the SDK
-        closes a POST's stream at its response) was answered; one that hung up before was not (499)."""
+        closes a POST's stream at its response) was answered; one that hung up while the relay was ending the answer
+        for a reason of its own (`RelayStats.failure`: the drain, a stalled backend, a refused list) keeps that
+        reason; one that hung up before was not answered (499)."""
         self.step(None)
         self.seconds = time.perf_counter() - self.started
         if self.outcome is None:  # the relay did not return: the client went, or an end the relay chose was cut

@@ -47,6 +47,22 @@ async def test_an_address_has_its_burst_then_waits_for_the_next_token_rounded_up
     assert await authorize.take("198.51.100.8") == 0
 
 
+async def test_one_budget_per_ipv4_address_per_ipv6_64_however_written() -> None:
+    limiter = RateLimiter(clock=Clock())
+    register = AddressLimit("register", 2, limiter)
+    # One IPv6 /64, written three ways and from three hosts in it: one budget of 2.
+    assert [await register.take(a) for a in ("2001:db8:0:1::1", "2001:DB8:0:1::2", "2001:db8:0:1:ffff::9")] == [
+        0,
+        0,
+        30,
+    ]
+    assert await register.take("2001:db8:0:2::1") == 0  # the next /64: its own
+    # An IPv4 address, and the same as an IPv4-mapped IPv6 address (a dual-stack listener's peer): one budget.
+    assert [await register.take(a) for a in ("203.0.113.9", "::ffff:203.0.113.9", "::FFFF:cb00:7109")] == [0, 0, 30]
+    assert await register.take("203.0.113.10") == 0  # IPv4: one budget per address
+    assert await register.take("unknown") == 0  # no address at all: one budget for those
+
+
 def limits(**yaml: object) -> RateLimits:
     return RateLimits.model_validate(yaml)
 

@@ -67,8 +67,23 @@ class AddressLimit:
 
     async def take(self, address: str) -> int:
         """0 when allowed; else the `Retry-After`: the seconds until the next one is, rounded up, at least 1."""
-        refusal = await self._limiter.take((((self._kind, address), self._rate),))
+        refusal = await self._limiter.take((((self._kind, limited_as(address)), self._rate),))
         return 0 if refusal is None else refusal.retry_after
+
+
+def limited_as(address: str) -> str:
+    """The budget an address spends: one per IPv4 address, one per IPv6 /64 (what one host or site is usually
+    given: a /128 each would hand it 2^64 budgets), an IPv4-mapped IPv6 address as its IPv4 one, each written one
+    way (`2001:DB8::1` and `2001:db8::1` are one address). Anything else (a peer aiohttp could not name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _metadata(document: Any, context: FrontDoorContext) -> tuple[list[str], str | None]:

@@ -49,6 +49,7 @@ __all__ = [
     "GatewayShuttingDown",
     "ended_by_shutdown",
     "is_shutdown",
+    "only_cancellation",
     "stop_budget",
 ]
 
@@ -67,10 +68,19 @@ def is_shutdown(cancelled: asyncio.CancelledError) -> bool:
 
 
 def ended_by_shutdown(cancelled: asyncio.CancelledError) -> bool:
-    """Whether `cancelled` is the drain's and nothing else cancelled the task too; if so the task is uncancelled
-    and the caller ends its request itself (the module docstring, step 4)."""
+    """Whether `cancelled` is the drain's and nothing else cancelled the task too (its client leaving in the same
+    instant, say); if so the task is uncancelled and the caller ends its request itself (the module docstring, step
+    4). Otherwise the task is left as it is, for the cancellation to go on."""
+    return is_shutdown(cancelled) and only_cancellation()
+
+
+def only_cancellation() -> bool:
+    """Whether the current task was cancelled exactly once; if so, uncancelled (its caller has dealt with it)."""
     task = asyncio.current_task()
-    return is_shutdown(cancelled) and task is not None and task.uncancel() == 0
+    if task is None or task.cancelling() != 1:
+        return False
+    task.uncancel()
+    return True
 
 
 def stop_budget(drain_seconds: float, grace_seconds: float) -> float:

@@ -40,7 +40,7 @@ from multidict import CIMultiDict
 from okta_agent_proxy.config.models import Backend
 from okta_agent_proxy.errors import BackendTimeout, BackendUnavailable, BadBackendResponse
 from okta_agent_proxy.http.bodies import read_at_most
-from okta_agent_proxy.http.drain import SHUTDOWN, GatewayShuttingDown, ended_by_shutdown, is_shutdown
+from okta_agent_proxy.http.drain import SHUTDOWN, GatewayShuttingDown, ended_by_shutdown, is_shutdown, only_cancellation
 from okta_agent_proxy.http.interface import HttpRequest, ResponseStream
 from okta_agent_proxy.mcp.headers import public_location, relayed_response_headers
 from okta_agent_proxy.mcp.sse import SseEvents, is_response_to
@@ -182,7 +182,7 @@ class Forwarder:
             )
         except asyncio.CancelledError as exc:
             shutdown = is_shutdown(exc)  # the drain's, at the end of its grace
-            if (shutdown or expired) and task.uncancel() == 0:  # ours, and nobody else cancelled the request
+            if (shutdown or expired) and only_cancellation():  # ours, and nobody else cancelled the request
                 _drop_tracebacks(exc)
                 if shutdown:
                     raise GatewayShuttingDown("the gateway shut down before the backend answered") from None

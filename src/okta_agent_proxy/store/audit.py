@@ -176,8 +176,12 @@ class AuditWriter:
                     return
         except asyncio.CancelledError:
             # The request ended while it waited (its client left, or a shutdown's grace ended): `block` still keeps
-            # its row, the queue over its size by one for the moment (by at most the requests in flight).
-            self._enqueue(event)
+            # its row, the queue over its size by one for the moment (by at most the requests in flight) — unless
+            # the policy is `drop` by now, or the writer is closing.
+            if self._drops_when_full() or self._closing:
+                self.dropped += 1
+            else:
+                self._enqueue(event)
             raise
         finally:
             self._blocked -= 1
