@@ -1,7 +1,9 @@
 """`okta-agent-proxy doctor` against the embedded Okta emulator and in-process MCP backends.
 
-The doctor runs as a subprocess (its own event loop) while the emulator and the backends serve in the test's loop.
-Assertions are on the exit code and on the stable markers `✓ <check>` / `✗ <check>`, never on the prose.
+The doctor runs on a thread (its own event loop) while the emulator and the backends serve in the test's loop: as
+the console script in a subprocess for the healthy setup, elsewhere the same `cli` in this process (click's runner,
+the same clean environment), as each subprocess costs seconds of imports. Assertions are on the exit code and on the
+stable markers `✓ <check>` / `✗ <check>`, never on the prose.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.devkit.okta_emulator import App, AuthorizationServer, XaaPolicy
 from okta_agent_proxy.keys import generate_rsa_key, load_signing_key, private_pem
 from tests.support.backends import BACKEND_SESSION_ID, RecordingBackend, running_backend
+from tests.support.cli_runner import logs_apart, run_cli_in_process
 from tests.support.okta_faults import FaultyOktaEmulator
 from tests.support.processes import free_port
 from tests.support.redis_servers import shared_redis_url
@@ -32,9 +35,7 @@ GATEWAY_AS, BACKEND_AS = "aus-gateway", "aus-employees"
 AGENT = "wlp_cursor_agent"
 PSK = "psk-Value-that-must-never-print-7f3e"
 TIMEOUT = 60.0  # the whole doctor run; each of its requests is bounded by --timeout 3
-RUN_DOCTOR = (
-    "from okta_agent_proxy.commands.doctor import doctor_command; doctor_command(prog_name='okta-agent-proxy doctor')"
-)
+CONSOLE_SCRIPT = Path(sys.executable).parent / "okta-agent-proxy"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,21 +58,28 @@ class Setup:
     settings: dict[str, str]
     config: dict[str, Any]
 
-    async def doctor(self) -> Outcome:
+    async def doctor(self, *, in_subprocess: bool = False) -> Outcome:
+        """`okta-agent-proxy doctor` on this setup, stdout and stderr together: in this process unless
+        `in_subprocess` (the console script)."""
         config_path, env_path = self.tmp_path / "config.yaml", self.tmp_path / "test.env"
         config_path.write_text(yaml.safe_dump(self.config))
         env_path.write_text("".join(f"{name}={value}\n" for name, value in self.settings.items()))
+        args = ["doctor", "--config", str(config_path), "--env-file", str(env_path), "--timeout", "3"]
+        if in_subprocess:
+            code, text = await self._subprocess(args)
+        else:
+            run = asyncio.to_thread(run_cli_in_process, args, env={"PSK_VALUE": PSK}, cwd=self.tmp_path)
+            with logs_apart():  # the emulator's log lines are not the doctor's output
+                result = await asyncio.wait_for(run, TIMEOUT)
+            code, text = result.returncode, result.stdout + result.stderr
+        assert PSK not in text
+        return Outcome(code, text)
+
+    async def _subprocess(self, args: list[str]) -> tuple[int, str]:
         env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            RUN_DOCTOR,
-            "--config",
-            str(config_path),
-            "--env-file",
-            str(env_path),
-            "--timeout",
-            "3",
+            CONSOLE_SCRIPT,
+            *args,
             cwd=self.tmp_path,
             env={**env, "PYTHONIOENCODING": "utf-8", "PSK_VALUE": PSK},
             stdout=asyncio.subprocess.PIPE,
@@ -84,9 +92,7 @@ class Setup:
             await process.wait()
             raise
         assert process.returncode is not None
-        text = out.decode()
-        assert PSK not in text
-        return Outcome(process.returncode, text)
+        return process.returncode, out.decode()
 
 
 @asynccontextmanager
@@ -147,7 +153,7 @@ ALL_CHECKS = {
 
 async def test_healthy_setup_passes_every_check(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
-        outcome = await s.doctor()
+        outcome = await s.doctor(in_subprocess=True)
         assert outcome.code == 0, outcome.out
         assert outcome.marks("✓") == ALL_CHECKS, outcome.out
         assert outcome.marks("✗") == set()

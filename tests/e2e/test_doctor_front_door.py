@@ -1,8 +1,9 @@
 """`okta-agent-proxy doctor` with `FRONT_DOOR=on`: its three checks of the gateway's own Okta app (DESIGN.md §8),
 against the embedded Okta emulator on loopback.
 
-The doctor runs as a subprocess, as in `test_doctor.py`, while the emulator serves in the test's loop; assertions
-are on the exit code, the stable markers (`✓`, `✗`, `!`, `○` + the check's name) and what the emulator received.
+The doctor runs on a thread, as in `test_doctor.py` (the console script in a subprocess for the correct app,
+elsewhere the same `cli` in this process), while the emulator serves in the test's loop; assertions are on the exit
+code, the stable markers (`✓`, `✗`, `!`, `○` + the check's name) and what the emulator received.
 Where real Okta answers differently from the emulator (its sign-in redirect, its own error page), a middleware in
 front of the emulator gives Okta's documented answer instead.
 """
@@ -27,6 +28,7 @@ from okta_agent_proxy.config.settings import Settings
 from okta_agent_proxy.devkit.okta_emulator import App, OktaEmulator
 from okta_agent_proxy.keys import generate_rsa_key, load_signing_key, private_pem
 from tests.support.backends import running_backend
+from tests.support.cli_runner import logs_apart, run_cli_in_process
 from tests.support.processes import free_port
 
 GATEWAY_APP = "0oagateway0000000001"
@@ -36,9 +38,7 @@ STATE_KEY = "state-encryption-key-for-doctor-tests-0123"
 CHECKS = ("front door org metadata", "front door client auth", "front door redirect uri")
 METADATA, CLIENT, REDIRECT = CHECKS
 TIMEOUT = 60.0
-RUN_DOCTOR = (
-    "from okta_agent_proxy.commands.doctor import doctor_command; doctor_command(prog_name='okta-agent-proxy doctor')"
-)
+CONSOLE_SCRIPT = Path(sys.executable).parent / "okta-agent-proxy"
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,21 +84,29 @@ class Setup:
     authorize: Authorize
     environ: dict[str, str] = field(default_factory=lambda: {"PSK_VALUE": "psk-for-the-doctor-front-door-tests"})
 
-    async def doctor(self) -> Outcome:
+    async def doctor(self, *, in_subprocess: bool = False) -> Outcome:
+        """`okta-agent-proxy doctor` on this setup, stdout and stderr together: in this process unless
+        `in_subprocess` (the console script)."""
         config_path, env_path = self.tmp_path / "config.yaml", self.tmp_path / "test.env"
         config_path.write_text(yaml.safe_dump(self.config))
         env_path.write_text("".join(f"{name}={value}\n" for name, value in self.settings.items()))
+        args = ["doctor", "--config", str(config_path), "--env-file", str(env_path), "--timeout", "3"]
+        if in_subprocess:
+            code, text = await self._subprocess(args)
+        else:
+            run = asyncio.to_thread(run_cli_in_process, args, env=self.environ, cwd=self.tmp_path)
+            with logs_apart():  # the emulator's log lines are not the doctor's output
+                result = await asyncio.wait_for(run, TIMEOUT)
+            code, text = result.returncode, result.stdout + result.stderr
+        assert SECRET not in text and WRONG_SECRET not in text
+        assert "Traceback" not in text, text
+        return Outcome(code, text)
+
+    async def _subprocess(self, args: list[str]) -> tuple[int, str]:
         env = {k: v for k, v in os.environ.items() if k not in Settings.model_fields}
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            RUN_DOCTOR,
-            "--config",
-            str(config_path),
-            "--env-file",
-            str(env_path),
-            "--timeout",
-            "3",
+            CONSOLE_SCRIPT,
+            *args,
             cwd=self.tmp_path,
             env={**env, "PYTHONIOENCODING": "utf-8", **self.environ},
             stdout=asyncio.subprocess.PIPE,
@@ -111,10 +119,7 @@ class Setup:
             await process.wait()
             raise
         assert process.returncode is not None
-        text = out.decode()
-        assert SECRET not in text and WRONG_SECRET not in text
-        assert "Traceback" not in text, text
-        return Outcome(process.returncode, text)
+        return process.returncode, out.decode()
 
 
 def gateway_app(callback: str, **options: Any) -> App:
@@ -157,7 +162,7 @@ async def setup(tmp_path: Path, **app: Any) -> AsyncIterator[Setup]:
 
 async def test_a_correct_app_passes_all_three(tmp_path: Path) -> None:
     async with setup(tmp_path, require_pkce=True) as s:
-        outcome = await s.doctor()
+        outcome = await s.doctor(in_subprocess=True)
         assert outcome.code == 0, outcome.out
         assert set(CHECKS) <= outcome.marks("✓"), outcome.out
         assert s.idp.login.code_failures == {"invalid_grant": 1}  # the random code, after the secret was accepted
