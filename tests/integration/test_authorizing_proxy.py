@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.support.authorizing_proxy import authorizing_proxy
+from tests.support.loopback import serving
 from tests.support.processes import LOOPBACK
 
 TOKEN = "header.payload.signature"
@@ -39,13 +40,8 @@ async def upstream(seen: list[dict[str, Any]], release: asyncio.Event) -> AsyncI
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def _raw_request(port: int, request: bytes) -> bytes:

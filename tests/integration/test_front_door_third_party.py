@@ -39,6 +39,7 @@ from mcp.client.streamable_http import streamable_http_client
 from okta_agent_proxy.devkit.okta_emulator import User
 from tests.integration.conftest import SampleBackends
 from tests.integration.test_front_door_flow import CLIENT_NAME, REDIRECT, MemoryStorage, sdk_provider
+from tests.support import loopback
 from tests.support.front_door import (
     ADA,
     APP_SECRET,
@@ -151,13 +152,8 @@ async def serving(backend: CrossAppBackend) -> AsyncIterator[str]:
     """`backend` at `http://127.0.0.1:PORT/mcp`; that URL."""
     app = web.Application()
     app.router.add_post("/mcp", backend.mcp)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}/mcp"
-    finally:
-        await runner.cleanup()
+    async with loopback.serving(app) as url:
+        yield f"{url}/mcp"
 
 
 @dataclass
